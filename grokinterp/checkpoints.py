@@ -1,0 +1,352 @@
+"""The run store: one directory per run, written atomically, read through ``load_run``.
+
+Layout of a run directory::
+
+    config.json              the RunConfig (JSON)
+    data.safetensors         the task table (tokens, labels) and the train/validation split
+    metrics.jsonl            one JSON object per evaluation (step, losses, accuracies, weight norm, ...)
+    weights/step_0001200.safetensors
+                             model weights in TransformerLens state-dict naming, named by global step
+    trainer_state.pt         optimizer state and progress at the latest checkpoint (read with weights_only=True)
+    .lock                    held (flock) while a process trains the run
+
+Every file is written to a temporary name and renamed into place, so a reader never sees half a file and a
+killed process leaves only complete checkpoints behind.
+"""
+
+import fcntl
+import json
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from grokinterp.config import ConfigError, RunConfig
+from grokinterp.tasks import TaskData
+
+CONFIG_FILE = "config.json"
+DATA_FILE = "data.safetensors"
+METRICS_FILE = "metrics.jsonl"
+WEIGHTS_DIR = "weights"
+TRAINER_STATE_FILE = "trainer_state.pt"
+LOCK_FILE = ".lock"
+DEFAULT_ROOT = Path("checkpoints")
+
+
+class RunError(ValueError):
+    """A run directory that cannot be used as asked; the message names the file and the fix."""
+
+
+def checkpoint_schedule(total_steps: int, n_regular: int, n_log: int) -> list[int]:
+    """Steps to checkpoint: ``n_regular`` evenly spaced intervals over ``[0, total_steps]``, plus ``n_log``
+    log-spaced steps over the first ten intervals (dense early, where memorization happens), always with 0 and
+    ``total_steps``."""
+    regular = np.linspace(0, total_steps, n_regular + 1)
+    early_end = min(total_steps, 10 * total_steps / n_regular)
+    log = np.geomspace(1, max(early_end, 1), n_log) if n_log > 0 else np.array([])
+    return sorted({int(round(s)) for s in np.concatenate([regular, log])} | {0, total_steps})
+
+
+def weights_name(step: int) -> str:
+    return f"step_{step:07d}.safetensors"
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def resolve_run_path(run: str | os.PathLike) -> Path:
+    """A run given as a path, or as a name under ./checkpoints/."""
+    path = Path(run)
+    if not path.exists() and not path.is_absolute() and (DEFAULT_ROOT / path).exists():
+        path = DEFAULT_ROOT / path
+    return path
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    step: int
+    optimizer: dict[str, Any]
+    finished: bool
+    """Whether training ended (budget spent or early stop) rather than being interrupted."""
+    stop_reason: str
+
+
+class RunStore:
+    """Reads and writes one run directory."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    # -- creating and locking -------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike, config: RunConfig, data: TaskData) -> "RunStore":
+        """Make a new run directory; refuses to touch one that exists."""
+        path = Path(path)
+        if path.exists():
+            raise RunError(f"run directory {path} already exists; pick another --name, or continue it with --resume {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Build the whole directory beside its final name, then rename: a run directory is complete or absent.
+        tmp = path.with_name(f".{path.name}.creating{os.getpid()}")
+        tmp.mkdir()
+        (tmp / WEIGHTS_DIR).mkdir()
+        write_text_atomic(tmp / CONFIG_FILE, config.to_json())
+        tensors = {
+            "tokens": data.tokens.cpu().contiguous(),
+            "labels": data.labels.cpu().contiguous(),
+            "train_idx": data.train_idx.cpu().contiguous(),
+            "val_idx": data.val_idx.cpu().contiguous(),
+        }
+        _atomic_write(tmp / DATA_FILE, lambda f: save_file(tensors, str(f), metadata={"n_symbols": str(data.n_symbols)}))
+        (tmp / METRICS_FILE).touch()
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            raise RunError(f"run directory {path} appeared while creating it; pick another --name") from None
+        return cls(path)
+
+    def lock(self) -> None:
+        """Take the run's training lock, or fail if another process holds it."""
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunError(f"run {self.path} is being trained by another process; wait for it or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- reading --------------------------------------------------------------------------------------------
+    def _require(self, name: str) -> Path:
+        file = self.path / name
+        if not file.exists():
+            raise RunError(f"{file} is missing: {self.path} is not a complete grokinterp run")
+        return file
+
+    def read_config(self) -> RunConfig:
+        file = self._require(CONFIG_FILE)
+        try:
+            return RunConfig.from_json(file.read_text())
+        except ConfigError as err:
+            raise RunError(f"{file}: {err}") from None
+
+    def read_data(self) -> TaskData:
+        file = self._require(DATA_FILE)
+        try:
+            tensors = load_file(file)
+            with open(file, "rb") as f:
+                n_symbols = int(_safetensors_metadata(f)["n_symbols"])
+            return TaskData(tensors["tokens"], tensors["labels"], tensors["train_idx"], tensors["val_idx"], n_symbols)
+        except (SafetensorError, KeyError, ValueError, OSError) as err:
+            raise RunError(f"{file} is corrupt or truncated ({err}); the run's data cannot be read") from None
+
+    def steps(self) -> list[int]:
+        """Steps with a complete weights file, ascending."""
+        folder = self.path / WEIGHTS_DIR
+        if not folder.is_dir():
+            return []
+        out = []
+        for file in folder.glob("step_*.safetensors"):
+            try:
+                out.append(int(file.name[len("step_") : -len(".safetensors")]))
+            except ValueError:
+                continue
+        return sorted(out)
+
+    def read_weights(self, step: int) -> dict[str, torch.Tensor]:
+        file = self.path / WEIGHTS_DIR / weights_name(step)
+        if not file.exists():
+            raise RunError(f"no checkpoint at step {step} in {self.path}; available: {_describe_steps(self.steps())}")
+        try:
+            return load_file(file)
+        except (SafetensorError, OSError) as err:
+            raise RunError(f"{file} is corrupt or truncated ({err})") from None
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """Every logged evaluation, in step order. A torn last line (a killed writer) is ignored."""
+        file = self._require(METRICS_FILE)
+        lines = file.read_text().splitlines()
+        rows = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    break
+                raise RunError(f"{file} line {i + 1} is not valid JSON; the metrics log is corrupt") from None
+            rows.append(row)
+        return rows
+
+    def read_trainer_state(self) -> TrainerState | None:
+        file = self.path / TRAINER_STATE_FILE
+        if not file.exists():
+            return None
+        try:
+            raw = torch.load(file, map_location="cpu", weights_only=True)
+            return TrainerState(int(raw["step"]), raw["optimizer"], bool(raw["finished"]), str(raw["stop_reason"]))
+        except Exception as err:  # noqa: BLE001 -- any unreadable state is reported the same way
+            raise RunError(f"{file} is corrupt or truncated ({type(err).__name__}); the run cannot resume") from None
+
+    # -- writing --------------------------------------------------------------------------------------------
+    def write_weights(self, step: int, state_dict: dict[str, torch.Tensor]) -> None:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        _atomic_write(self.path / WEIGHTS_DIR / weights_name(step), lambda f: save_file(tensors, str(f)))
+
+    def write_trainer_state(self, state: TrainerState) -> None:
+        payload = {"step": state.step, "optimizer": state.optimizer, "finished": state.finished,
+                   "stop_reason": state.stop_reason}
+        _atomic_write(self.path / TRAINER_STATE_FILE, lambda f: torch.save(payload, f))
+
+    def write_config(self, config: RunConfig) -> None:
+        write_text_atomic(self.path / CONFIG_FILE, config.to_json())
+
+    def rewrite_metrics(self, rows: Iterable[dict[str, Any]]) -> None:
+        write_text_atomic(self.path / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def open_metrics_for_append(self):
+        return open(self.path / METRICS_FILE, "a", buffering=1)
+
+
+def _safetensors_metadata(f) -> dict[str, str]:
+    header_len = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(header_len))
+    return header.get("__metadata__", {})
+
+
+def _describe_steps(steps: list[int]) -> str:
+    if not steps:
+        return "none"
+    if len(steps) <= 6:
+        return ", ".join(map(str, steps))
+    return f"{len(steps)} steps from {steps[0]} to {steps[-1]}"
+
+
+class Run:
+    """A trained (or training) run, read from disk. Get one with ``grokinterp.load_run(path)``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.store = RunStore(resolve_run_path(path))
+        if not self.store.path.is_dir():
+            raise RunError(f"no run at {path}; train one with `grokinterp train`, list them with `grokinterp runs`")
+        self.path = self.store.path
+        self.config: RunConfig = self.store.read_config()
+
+    def __repr__(self) -> str:
+        steps = self.steps
+        return (f"Run({str(self.path)!r}, op={self.config.task.op}, checkpoints={len(steps)}, "
+                f"last_step={steps[-1] if steps else None})")
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def steps(self) -> list[int]:
+        """Checkpointed steps, ascending (re-read each time, so a run still training shows its new ones)."""
+        return self.store.steps()
+
+    @cached_property
+    def data(self) -> TaskData:
+        """The task table and the split it was trained with (``data.train_idx``, ``data.val_idx``)."""
+        return self.store.read_data()
+
+    @property
+    def split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train_idx, val_idx): rows of ``data.tokens`` used for training and for validation."""
+        return self.data.train_idx, self.data.val_idx
+
+    @property
+    def metrics(self):
+        """The metrics log as a pandas DataFrame, one row per evaluation, indexed by step."""
+        import pandas as pd
+
+        rows = self.store.read_metrics()
+        frame = pd.DataFrame(rows)
+        return frame.set_index("step", drop=False) if len(frame) else frame
+
+    def state_dict(self, step: int | None = None) -> dict[str, torch.Tensor]:
+        """Weights at ``step`` (default: the latest checkpoint), in TransformerLens naming."""
+        return self.store.read_weights(self._step(step))
+
+    def model(self, step: int | None = None, device: str | torch.device = "cpu"):
+        """A ``HookedTransformer`` with the weights of ``step`` (default: the latest checkpoint)."""
+        from grokinterp.model import build_model
+
+        model = build_model(self.config.model, self.data.n_symbols, device=device)
+        model.load_state_dict(self.state_dict(step))
+        return model.eval()
+
+    def _step(self, step: int | None) -> int:
+        steps = self.steps
+        if not steps:
+            raise RunError(f"run {self.path} has no checkpoints yet")
+        return steps[-1] if step is None else int(step)
+
+    def first_step_reaching(self, column: str, threshold: float) -> int | None:
+        """The first logged step where ``column`` >= threshold (e.g. 'val_acc', 0.99), or None."""
+        for row in self.store.read_metrics():
+            if row.get(column) is not None and row[column] >= threshold:
+                return int(row["step"])
+        return None
+
+    @property
+    def trainer_state(self) -> TrainerState | None:
+        return self.store.read_trainer_state()
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """Open a run directory (a path, or a run name under ./checkpoints/)."""
+    return Run(path)
+
+
+def find_runs(root: str | os.PathLike = DEFAULT_ROOT) -> list[Path]:
+    """Run directories directly under ``root`` (those with a config.json), sorted by name."""
+    root = Path(root)
+    if (root / CONFIG_FILE).exists():
+        return [root]
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if (p / CONFIG_FILE).exists() and not p.name.startswith("."))
+
+
+def metrics_step_cutoff(rows: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
+    return [r for r in rows if r["step"] <= step]
+
+
+def weight_norm_sq(state: Iterable[torch.Tensor]) -> float:
+    """Σ‖θ‖² over the given tensors, in float64."""
+    return float(sum(t.detach().double().pow(2).sum() for t in state))
+
+
+__all__ = ["Run", "RunStore", "RunError", "TrainerState", "checkpoint_schedule", "find_runs", "load_run",
+           "math"]

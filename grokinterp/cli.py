@@ -1,0 +1,174 @@
+"""Command line: ``grokinterp train | runs``. ``main(argv)`` returns the exit code (2 for bad input)."""
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+from grokinterp.checkpoints import DEFAULT_ROOT, RunError, find_runs, load_run, resolve_run_path
+from grokinterp.config import DEFAULT_PRESET, PRESETS, SECTIONS, ConfigError, RunConfig, field_docs, get_preset
+from grokinterp.tasks import OPERATIONS, TaskError
+
+log = logging.getLogger("grokinterp")
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors: one line, exit 2, like ours
+        raise UsageError(message)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field, with the field's docstring as help; defaults come from the preset."""
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} (override the preset)")
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            help_text = f"{docs.get(f.name, '')} [bare default: {f.default}]"
+            if f.type is bool:
+                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                   help=help_text)
+            else:
+                group.add_argument(flag, dest=f.name, type=_typed(f.type, flag), default=None,
+                                   metavar=f.type.__name__.upper(), help=help_text)
+
+
+def _typed(kind: type, flag: str):
+    def convert(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} expects {kind.__name__}, got {text!r}") from None
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="grokinterp", description="Train small transformers that grok and replay the transition.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train a run and save dense checkpoints",
+                           description="Train a HookedTransformer on a binary-operation table.")
+    train.add_argument("--preset", default=None,
+                       help=f"starting config: {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
+    train.add_argument("--name", default=None, help="run directory name (default: <preset>_<op>_<time>)")
+    train.add_argument("--out", default=str(DEFAULT_ROOT), help="folder that holds run directories (default %(default)s)")
+    train.add_argument("--resume", metavar="RUN", default=None,
+                       help="continue the run at this path (or name under --out) from its latest checkpoint")
+    train.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_config_flags(train)
+
+    runs = sub.add_parser("runs", help="list runs with steps trained and when they reached 99%% accuracy")
+    runs.add_argument("root", nargs="?", default=str(DEFAULT_ROOT), help="folder of runs (default %(default)s)")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    names = {f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from grokinterp.train import train  # heavy imports (torch, transformer_lens) only when training
+
+    overrides = _overrides(args)
+    if args.resume:
+        if args.name or args.preset:
+            raise UsageError("--resume continues an existing run; drop --name and --preset")
+        run_dir = resolve_run_path(args.resume)
+        if not run_dir.is_dir() and (Path(args.out) / args.resume).is_dir():
+            run_dir = Path(args.out) / args.resume
+        if not run_dir.is_dir():
+            raise UsageError(f"no run to resume at {args.resume}; list runs with `grokinterp runs`")
+        config = load_run(run_dir).config.replace(**overrides)
+    else:
+        preset = args.preset or DEFAULT_PRESET
+        config = get_preset(preset).replace(**overrides)
+        name = args.name or f"{preset}_{config.task.op}_{time.strftime('%Y%m%d-%H%M%S')}"
+        if "/" in name or name.startswith("."):
+            raise UsageError(f"--name {name!r} must be a plain folder name (no '/', not starting with '.')")
+        run_dir = Path(args.out) / name
+
+    print(f"{'Resuming' if args.resume else 'Training'} {run_dir}: {_describe(config)}", file=sys.stderr)
+    result = train(config, run_dir, resume=bool(args.resume), device=args.device, progress=not args.no_progress)
+    run = result.run
+    rows = run.store.read_metrics()
+    last = rows[-1]
+    train99, val99 = run.first_step_reaching("train_acc", 0.99), run.first_step_reaching("val_acc", 0.99)
+    print(
+        f"\n{result.stop_reason.replace('_', ' ')} at step {result.step} after {result.seconds:.0f} s: "
+        f"train acc {last['train_acc']:.1%}, val acc {last['val_acc']:.1%}; "
+        f"train acc reached 99% at step {_fmt(train99)}, val acc at step {_fmt(val99)}."
+    )
+    print(f"Run: {run.path} ({len(run.steps)} checkpoints)")
+    if result.stop_reason == "interrupted":
+        print(f"Interrupted; continue with:  grokinterp train --resume {run.path}")
+    else:
+        print("Next:  grokinterp runs")
+        print(f"       python -c \"import grokinterp; run = grokinterp.load_run('{run.path}'); print(run.metrics)\"")
+    return 130 if result.stop_reason == "interrupted" else 0
+
+
+def _describe(config: RunConfig) -> str:
+    t, m, tr = config.task, config.model, config.train
+    size = f"p={t.p}" if OPERATIONS[t.op].family == "mod" else f"S{t.n}"
+    batch = "full batch" if tr.batch_size == 0 else f"batch {tr.batch_size}"
+    return (f"{t.op} ({OPERATIONS[t.op].formula}) {size}, {t.frac_train:.0%} train; {m.n_layers} layer(s) "
+            f"d_model {m.d_model}; {tr.optimizer} lr {tr.lr:g} wd {tr.weight_decay:g}, {batch}, {tr.steps} steps")
+
+
+def _fmt(step) -> str:
+    return "-" if step is None else str(step)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    paths = find_runs(args.root)
+    if not paths:
+        print(f"no runs under {args.root}; train one with `grokinterp train`")
+        return 0
+    header = ("run", "op", "size", "steps", "ckpts", "train 99%", "val 99%", "val acc")
+    table = []
+    for path in paths:
+        try:
+            run = load_run(path)
+            rows = run.store.read_metrics()
+        except RunError as err:
+            print(f"skipping {path}: {err}", file=sys.stderr)
+            continue
+        t = run.config.task
+        size = f"p={t.p}" if OPERATIONS[t.op].family == "mod" else f"S{t.n}"
+        steps = rows[-1]["step"] if rows else 0
+        table.append((run.name, t.op, size, str(steps), str(len(run.steps)),
+                      _fmt(run.first_step_reaching("train_acc", 0.99)), _fmt(run.first_step_reaching("val_acc", 0.99)),
+                      f"{rows[-1]['val_acc']:.1%}" if rows else "-"))
+    widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
+    for row in [header, *table]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+        return {"train": cmd_train, "runs": cmd_runs}[args.command](args)
+    except (UsageError, ConfigError, TaskError, RunError) as err:
+        print(f"grokinterp: error: {err}", file=sys.stderr)
+        return 2
+    except SystemExit as exit_:  # --help
+        return int(exit_.code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

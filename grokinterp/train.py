@@ -1,0 +1,317 @@
+"""The training loop: one readable function from a config to a run directory of dense checkpoints.
+
+Per step: set the warm-up learning rate, take the batch, forward, float64 cross-entropy on the answer logits,
+backward, optimizer step. Every ``eval_every`` steps the whole table is evaluated and a row appended to the
+metrics log; at every scheduled step the weights (and the optimizer state, for resuming) are saved.
+
+Randomness: the split comes from ``data_seed``; initialization and minibatch order from ``model_seed``. The batch
+of step t is a pure function of (model_seed, t), so a resumed run sees exactly the batches an uninterrupted one
+would.
+"""
+
+import json
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+
+from grokinterp.checkpoints import (
+    Run,
+    RunError,
+    RunStore,
+    TrainerState,
+    checkpoint_schedule,
+    metrics_step_cutoff,
+    weight_norm_sq,
+)
+from grokinterp.config import RunConfig, TrainConfig
+from grokinterp.model import answer_logits, build_model
+from grokinterp.tasks import TaskData, build_task
+
+log = logging.getLogger(__name__)
+
+EVAL_CHUNK = 16_384  # rows per no-grad forward when evaluating the whole table
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA, then MPS, then CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise RunError(f"unknown --device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise RunError(f"--device {device}: MPS is not available on this machine; use --device cpu or auto")
+    return dev
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.beta1)
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of update number ``step`` (1-based): linear warm-up, then constant."""
+    if cfg.warmup_steps == 0:
+        return cfg.lr
+    return cfg.lr * min(1.0, step / cfg.warmup_steps)
+
+
+def batch_indices(n_train: int, batch_size: int, seed: int, step: int) -> Int[torch.Tensor, " batch"] | None:
+    """Positions in the training set used by update ``step`` (1-based); None for full batch.
+
+    Epochs are fresh permutations of the training set, each from its own generator seeded by (seed, epoch), so
+    the batch depends only on (seed, step) and a resumed run replays exactly the same sequence."""
+    if batch_size == 0 or batch_size >= n_train:
+        return None
+    per_epoch = math.ceil(n_train / batch_size)
+    epoch, k = divmod(step - 1, per_epoch)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n_train, generator=generator)
+    return order[k * batch_size : (k + 1) * batch_size]
+
+
+def answer_loss(logits: Float[torch.Tensor, "batch d_vocab_out"], labels: Int[torch.Tensor, " batch"]) -> torch.Tensor:
+    """Mean cross-entropy in float64 (late in grokking the logits are large and float32 loses the signal)."""
+    return F.cross_entropy(logits.to(torch.float64), labels)
+
+
+@torch.no_grad()
+def evaluate(model, data: TaskData) -> dict[str, float]:
+    """Loss and accuracy (float64) on the training and validation splits."""
+    losses, correct = [], []
+    for start in range(0, len(data.labels), EVAL_CHUNK):
+        tokens = data.tokens[start : start + EVAL_CHUNK]
+        labels = data.labels[start : start + EVAL_CHUNK]
+        logits = answer_logits(model, tokens).to(torch.float64)
+        losses.append(F.cross_entropy(logits, labels, reduction="none"))
+        correct.append(logits.argmax(-1) == labels)
+    loss, acc = torch.cat(losses), torch.cat(correct).double()
+    return {
+        "train_loss": loss[data.train_idx].mean().item(),
+        "train_acc": acc[data.train_idx].mean().item(),
+        "val_loss": loss[data.val_idx].mean().item(),
+        "val_acc": acc[data.val_idx].mean().item(),
+    }
+
+
+@dataclass
+class TrainResult:
+    run: Run
+    step: int
+    stop_reason: str
+    """'budget', 'early_stop', 'interrupted' or 'diverged'."""
+    seconds: float
+
+
+class _Interrupt:
+    """Turns Ctrl-C into a flag the loop checks after each step, so the step in flight finishes and is saved."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def train(
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train ``config`` into ``run_dir`` (a new directory), or continue the run there with ``resume=True``.
+
+    On resume the saved config must equal ``config`` except for a larger step budget (and the stopping rule),
+    which extends the run. ``on_step`` is called after each update (tests use it to interrupt a run).
+    """
+    dev = resolve_device(device)
+    if resume:
+        store = RunStore(run_dir)
+        saved = Run(run_dir).config
+        _check_resume_config(saved, config, store.path)
+        data = store.read_data()
+    else:
+        data = build_task(config.task.op, config.task.p, config.task.n, config.task.frac_train, config.task.data_seed)
+        store = RunStore.create(run_dir, config, data)
+    store.lock()
+    try:
+        return _train_locked(config, store, data, dev, resume, progress, on_step)
+    finally:
+        store.unlock()
+
+
+def _check_resume_config(saved: RunConfig, asked: RunConfig, path: Path) -> None:
+    allowed = {"steps", "stop_val_acc", "stop_patience"}
+    saved_flat = {k: v for section in saved.to_dict().values() for k, v in section.items()}
+    asked_flat = {k: v for section in asked.to_dict().values() for k, v in section.items()}
+    changed = [k for k in saved_flat if saved_flat[k] != asked_flat[k] and k not in allowed]
+    if changed:
+        k = changed[0]
+        raise RunError(
+            f"cannot resume {path} with --{k.replace('_', '-')} {asked_flat[k]}: the run was trained with "
+            f"{saved_flat[k]}; resume without changing the config (only --steps and the stop rule may change), "
+            "or start a new run"
+        )
+    if asked.train.steps < saved.train.steps:
+        raise RunError(f"cannot resume {path} with --steps {asked.train.steps}: the run's budget is already "
+                       f"{saved.train.steps}; give a larger budget or none")
+
+
+def _train_locked(config, store: RunStore, data: TaskData, dev, resume, progress, on_step) -> TrainResult:
+    cfg = config.train
+    started = time.perf_counter()
+    model = build_model(config.model, data.n_symbols, device=dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg)
+    data = data.to(dev)
+    train_tokens, train_labels = data.tokens[data.train_idx], data.labels[data.train_idx]
+
+    step = 0
+    if resume:
+        state = store.read_trainer_state()
+        if state is None:
+            raise RunError(f"{store.path} has no trainer state to resume from; train it anew")
+        model.load_state_dict(store.read_weights(state.step))
+        optimizer.load_state_dict(state.optimizer)
+        step = state.step
+        store.rewrite_metrics(metrics_step_cutoff(store.read_metrics(), step))
+        store.write_config(config)
+        if step >= cfg.steps:
+            log.info("run %s is already at step %d of %d", store.path, step, cfg.steps)
+    schedule = set(checkpoint_schedule(cfg.steps, cfg.checkpoints, cfg.log_checkpoints))
+
+    metrics_file = store.open_metrics_for_append()
+
+    def log_row(step: int) -> dict[str, float]:
+        model.eval()
+        row = {"step": step, **evaluate(model, data), "weight_norm_sq": weight_norm_sq(model.parameters()),
+               "lr": learning_rate(cfg, max(step, 1)), "time_s": round(time.perf_counter() - started, 3)}
+        model.train()
+        metrics_file.write(json.dumps(row) + "\n")
+        return row
+
+    def save(step: int, stop_reason: str | None) -> None:
+        store.write_weights(step, model.state_dict())
+        finished = stop_reason is not None and stop_reason != "interrupted"
+        store.write_trainer_state(TrainerState(step, optimizer.state_dict(), finished, stop_reason or ""))
+
+    if step == 0:
+        rows = [log_row(0)]
+        save(0, None)
+    else:
+        rows = store.read_metrics()
+    threshold = cfg.stop_val_acc
+    reached_at = _first_reaching(rows, "val_acc", threshold) if threshold > 0 else None
+    stop_reason = _stop_reason(cfg, step, reached_at, interrupted=False, loss_finite=True)
+
+    bar = _progress_bar(progress, step, cfg.steps, store.path.name)
+    if rows:
+        _update_bar(bar, rows[-1])
+    model.train()
+    with _Interrupt() as interrupt:
+        while stop_reason is None:
+            step += 1
+            lr = learning_rate(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            picked = batch_indices(len(train_labels), cfg.batch_size, config.model.model_seed, step)
+            if picked is None:
+                tokens, labels = train_tokens, train_labels
+            else:
+                picked = picked.to(dev)
+                tokens, labels = train_tokens[picked], train_labels[picked]
+            loss = answer_loss(answer_logits(model, tokens), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if on_step is not None:
+                on_step(step)
+
+            row = None
+            if step % cfg.eval_every == 0 or step in schedule or step == cfg.steps:
+                row = log_row(step)
+                if threshold > 0 and reached_at is None and row["val_acc"] >= threshold:
+                    reached_at = step
+                _update_bar(bar, row)
+            stop_reason = _stop_reason(cfg, step, reached_at, interrupt.requested, bool(torch.isfinite(loss)))
+            if row is None and stop_reason not in (None, "interrupted"):
+                _update_bar(bar, log_row(step))  # the last step of a run is always in the log
+            if step in schedule or stop_reason is not None:
+                save(step, stop_reason)
+            if bar is not None:
+                bar.update(1)
+    metrics_file.close()
+    if bar is not None:
+        bar.close()
+    return TrainResult(Run(store.path), step, stop_reason, time.perf_counter() - started)
+
+
+def _stop_reason(cfg: TrainConfig, step: int, reached_at: int | None, interrupted: bool, loss_finite: bool):
+    """Why training stops after ``step``, or None to go on."""
+    if not loss_finite:
+        return "diverged"
+    if reached_at is not None and step >= reached_at + cfg.stop_patience:
+        return "early_stop"
+    if step >= cfg.steps:
+        return "budget"
+    if interrupted:
+        return "interrupted"
+    return None
+
+
+def _first_reaching(rows, column: str, threshold: float) -> int | None:
+    for row in rows:
+        if row[column] >= threshold:
+            return int(row["step"])
+    return None
+
+
+def _progress_bar(enabled: bool, initial: int, total: int, name: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=name, unit="step", mininterval=0.5, dynamic_ncols=True)
+
+
+def _update_bar(bar, row: dict) -> None:
+    if bar is not None:
+        bar.set_postfix_str(
+            f"train {row['train_loss']:.3g}/{row['train_acc']:.1%}  val {row['val_loss']:.3g}/{row['val_acc']:.1%}",
+            refresh=False,
+        )
