@@ -78,7 +78,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from grokinterp.train import train  # heavy imports (torch, transformer_lens) only when training
+    from grokinterp.train import resolve_device, train  # heavy imports (torch, transformer_lens) only when training
 
     overrides = _overrides(args)
     if args.resume:
@@ -98,8 +98,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UsageError(f"--name {name!r} must be a plain folder name (no '/', not starting with '.')")
         run_dir = Path(args.out) / name
 
-    print(f"{'Resuming' if args.resume else 'Training'} {run_dir}: {_describe(config)}", file=sys.stderr)
-    result = train(config, run_dir, resume=bool(args.resume), device=args.device, progress=not args.no_progress)
+    device = resolve_device(args.device)  # refuse a bad --device before announcing anything
+    if not args.resume and run_dir.exists():
+        raise UsageError(f"run directory {run_dir} already exists; pick another --name, or continue it with "
+                         f"--resume {run_dir}")
+    print(f"{'Resuming' if args.resume else 'Training'} {run_dir} on {device}: {_describe(config)}", file=sys.stderr)
+    result = train(config, run_dir, resume=bool(args.resume), device=str(device), progress=not args.no_progress)
     run = result.run
     rows = run.store.read_metrics()
     last = rows[-1]

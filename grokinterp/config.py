@@ -12,7 +12,7 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
-from grokinterp.tasks import TaskError, check_task
+from grokinterp.tasks import TaskError, check_task, get_operation
 
 
 class ConfigError(ValueError):
@@ -41,7 +41,7 @@ class TaskConfig:
 
     @property
     def family(self) -> str:
-        return check_task(self.op, self.p, self.n, self.frac_train).family
+        return get_operation(self.op).family
 
 
 @dataclass(frozen=True)

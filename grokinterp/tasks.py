@@ -7,6 +7,7 @@ answers. Pairs where an operation is undefined (division by 0) are left out of t
 Adding an operation is one function and one line in ``OPERATIONS``.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,21 +30,29 @@ class Operation:
     """The operation as Power et al. write it."""
     family: str
     """'mod' (symbols are residues mod p) or 'perm' (symbols are elements of S_n)."""
-    table: Callable[[int], Int[np.ndarray, "n_symbols n_symbols"]]
-    """Size (p or n) -> answer table with -1 where undefined."""
+    fn: Callable[..., np.ndarray]
+    """Vectorized definition: (x, y, p) -> x∘y (reduced mod p afterwards), or (group, x, y) -> x∘y for 'perm'."""
     needs_prime: bool = False
     """Whether the operation uses multiplicative inverses mod p."""
+    y_nonzero: bool = False
+    """Whether pairs with y = 0 are undefined (division) and left out."""
 
-
-def _mod_table(fn: Callable[[np.ndarray, np.ndarray, int], np.ndarray], y_nonzero: bool = False):
-    def table(p: int) -> np.ndarray:
-        x, y = np.meshgrid(np.arange(p, dtype=np.int64), np.arange(p, dtype=np.int64), indexing="ij")
-        out = np.mod(fn(x, y, p), p)
-        if y_nonzero:
+    def table(self, size: int) -> Int[np.ndarray, "n_symbols n_symbols"]:
+        """Answer table for modulus p (or S_n with n = size): ``table[x, y] = x∘y``, -1 where undefined."""
+        if self.family == "perm":
+            group = SymmetricGroup(size)
+            x, y = np.meshgrid(np.arange(group.order), np.arange(group.order), indexing="ij")
+            return self.fn(group, x, y)
+        x, y = np.meshgrid(np.arange(size, dtype=np.int64), np.arange(size, dtype=np.int64), indexing="ij")
+        out = np.mod(self.fn(x, y, size), size)
+        if self.y_nonzero:
             out[:, 0] = -1
         return out
 
-    return table
+    def n_pairs(self, size: int) -> int:
+        """How many (x, y) pairs the table defines."""
+        n_symbols = size if self.family == "mod" else math.factorial(size)
+        return n_symbols * (n_symbols - 1 if self.y_nonzero else n_symbols)
 
 
 def _inverse_mod(y: np.ndarray, p: int) -> np.ndarray:
@@ -55,50 +64,23 @@ def _mul(a: np.ndarray, b: np.ndarray, p: int) -> np.ndarray:
     return (a % p) * (b % p) % p  # reduce first so cubes of p up to 3e6 stay inside int64
 
 
-def _perm_table(fn: Callable[[SymmetricGroup, np.ndarray, np.ndarray], np.ndarray]):
-    def table(n: int) -> np.ndarray:
-        group = SymmetricGroup(n)
-        x, y = np.meshgrid(np.arange(group.order), np.arange(group.order), indexing="ij")
-        return fn(group, x, y)
-
-    return table
-
-
 _OPERATION_LIST = [
-    Operation("add", "x+y", "mod", _mod_table(lambda x, y, p: x + y)),
-    Operation("sub", "x-y", "mod", _mod_table(lambda x, y, p: x - y)),
-    Operation("mul", "x*y", "mod", _mod_table(lambda x, y, p: _mul(x, y, p))),
-    Operation(
-        "div", "x/y", "mod", _mod_table(lambda x, y, p: _mul(x, _inverse_mod(y, p), p), y_nonzero=True), True
-    ),
-    Operation(
-        "div_odd_sub",
-        "x/y if y odd else x-y",
-        "mod",
-        # y = 0 is even, so x - 0 is defined there; only the division branch needs y != 0.
-        _mod_table(lambda x, y, p: np.where(y % 2 == 1, _mul(x, _inverse_mod(y, p), p), x - y)),
-        True,
-    ),
-    Operation("sq_sum", "x^2+y^2", "mod", _mod_table(lambda x, y, p: _mul(x, x, p) + _mul(y, y, p))),
-    Operation(
-        "quad", "x^2+xy+y^2", "mod", _mod_table(lambda x, y, p: _mul(x, x, p) + _mul(x, y, p) + _mul(y, y, p))
-    ),
-    Operation(
-        "quad_x",
-        "x^2+xy+y^2+x",
-        "mod",
-        _mod_table(lambda x, y, p: _mul(x, x, p) + _mul(x, y, p) + _mul(y, y, p) + x),
-    ),
-    Operation("cube_xy", "x^3+xy", "mod", _mod_table(lambda x, y, p: _mul(_mul(x, x, p), x, p) + _mul(x, y, p))),
-    Operation(
-        "cube_xy2_y",
-        "x^3+xy^2+y",
-        "mod",
-        _mod_table(lambda x, y, p: _mul(_mul(x, x, p), x, p) + _mul(x, _mul(y, y, p), p) + y),
-    ),
-    Operation("perm_mul", "x·y", "perm", _perm_table(lambda g, x, y: g.mul[x, y])),
-    Operation("perm_conj", "x·y·x⁻¹", "perm", _perm_table(lambda g, x, y: g.mul[g.mul[x, y], g.inv[x]])),
-    Operation("perm_xyx", "x·y·x", "perm", _perm_table(lambda g, x, y: g.mul[g.mul[x, y], x])),
+    Operation("add", "x+y", "mod", lambda x, y, p: x + y),
+    Operation("sub", "x-y", "mod", lambda x, y, p: x - y),
+    Operation("mul", "x*y", "mod", lambda x, y, p: _mul(x, y, p)),
+    Operation("div", "x/y", "mod", lambda x, y, p: _mul(x, _inverse_mod(y, p), p), needs_prime=True, y_nonzero=True),
+    # y = 0 is even, so x - 0 is defined there; only the division branch needs y != 0.
+    Operation("div_odd_sub", "x/y if y odd else x-y", "mod",
+              lambda x, y, p: np.where(y % 2 == 1, _mul(x, _inverse_mod(y, p), p), x - y), needs_prime=True),
+    Operation("sq_sum", "x^2+y^2", "mod", lambda x, y, p: _mul(x, x, p) + _mul(y, y, p)),
+    Operation("quad", "x^2+xy+y^2", "mod", lambda x, y, p: _mul(x, x, p) + _mul(x, y, p) + _mul(y, y, p)),
+    Operation("quad_x", "x^2+xy+y^2+x", "mod", lambda x, y, p: _mul(x, x, p) + _mul(x, y, p) + _mul(y, y, p) + x),
+    Operation("cube_xy", "x^3+xy", "mod", lambda x, y, p: _mul(_mul(x, x, p), x, p) + _mul(x, y, p)),
+    Operation("cube_xy2_y", "x^3+xy^2+y", "mod",
+              lambda x, y, p: _mul(_mul(x, x, p), x, p) + _mul(x, _mul(y, y, p), p) + y),
+    Operation("perm_mul", "x·y", "perm", lambda g, x, y: g.mul[x, y]),
+    Operation("perm_conj", "x·y·x⁻¹", "perm", lambda g, x, y: g.mul[g.mul[x, y], g.inv[x]]),
+    Operation("perm_xyx", "x·y·x", "perm", lambda g, x, y: g.mul[g.mul[x, y], x]),
 ]
 OPERATIONS: dict[str, Operation] = {}
 for _op in _OPERATION_LIST:
@@ -140,6 +122,10 @@ def check_task(op_name: str, p: int, n: int, frac_train: float) -> Operation:
             raise TaskError(f"S_n with n={n} is not supported; use 2 <= n <= 6 (the paper uses S5: --n 5)")
     if not 0.0 < frac_train < 1.0:
         raise TaskError(f"--frac-train {frac_train} must lie strictly between 0 and 1")
+    n_pairs = op.n_pairs(p if op.family == "mod" else n)
+    if int(frac_train * n_pairs) == 0:
+        raise TaskError(f"--frac-train {frac_train} of {n_pairs} pairs leaves the training split empty; "
+                        "choose a larger fraction")
     return op
 
 
@@ -188,12 +174,7 @@ def build_task(op_name: str, p: int, n: int, frac_train: float, data_seed: int) 
     labels = table[a, b]
     tokens = np.stack([a, b, np.full_like(a, n_symbols)], axis=1)
     n_examples = len(labels)
-    n_train = int(frac_train * n_examples)
-    if not 0 < n_train < n_examples:
-        raise TaskError(
-            f"--frac-train {frac_train} of {n_examples} pairs leaves the "
-            f"{'training' if n_train == 0 else 'validation'} split empty; choose a fraction that keeps both"
-        )
+    n_train = int(frac_train * n_examples)  # 0 < n_train < n_examples: checked by check_task
     generator = torch.Generator().manual_seed(data_seed)
     order = torch.randperm(n_examples, generator=generator)
     return TaskData(
