@@ -16,7 +16,6 @@ killed process leaves only complete checkpoints behind.
 
 import fcntl
 import json
-import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -314,10 +313,7 @@ class Run:
 
     def first_step_reaching(self, column: str, threshold: float) -> int | None:
         """The first logged step where ``column`` >= threshold (e.g. 'val_acc', 0.99), or None."""
-        for row in self.store.read_metrics():
-            if row.get(column) is not None and row[column] >= threshold:
-                return int(row["step"])
-        return None
+        return first_step_reaching(self.store.read_metrics(), column, threshold)
 
     @property
     def trainer_state(self) -> TrainerState | None:
@@ -339,6 +335,14 @@ def find_runs(root: str | os.PathLike = DEFAULT_ROOT) -> list[Path]:
     return sorted(p for p in root.iterdir() if (p / CONFIG_FILE).exists() and not p.name.startswith("."))
 
 
+def first_step_reaching(rows: list[dict[str, Any]], column: str, threshold: float) -> int | None:
+    """The first row's step where ``column`` >= threshold, or None."""
+    for row in rows:
+        if row.get(column) is not None and row[column] >= threshold:
+            return int(row["step"])
+    return None
+
+
 def metrics_step_cutoff(rows: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
     return [r for r in rows if r["step"] <= step]
 
@@ -348,5 +352,3 @@ def weight_norm_sq(state: Iterable[torch.Tensor]) -> float:
     return float(sum(t.detach().double().pow(2).sum() for t in state))
 
 
-__all__ = ["Run", "RunStore", "RunError", "TrainerState", "checkpoint_schedule", "find_runs", "load_run",
-           "math"]

@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ConfigError, TaskError, RunError) as err:
         print(f"grokinterp: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C during training: checkpoints written so far are complete
+        print("\ngrokinterp: interrupted; resume a run with `grokinterp train --resume RUN`", file=sys.stderr)
+        return 130
     except SystemExit as exit_:  # --help
         return int(exit_.code or 0)
 

@@ -28,6 +28,7 @@ from grokinterp.checkpoints import (
     RunStore,
     TrainerState,
     checkpoint_schedule,
+    first_step_reaching,
     metrics_step_cutoff,
     weight_norm_sq,
 )
@@ -212,12 +213,13 @@ def _train_locked(config, store: RunStore, data: TaskData, dev, resume, progress
         store.rewrite_metrics(metrics_step_cutoff(store.read_metrics(), step))
         store.write_config(config)
         if step >= cfg.steps:
-            log.info("run %s is already at step %d of %d", store.path, step, cfg.steps)
+            log.info("run %s is already at step %d of %d; give a larger --steps to train on", store.path, step,
+                     cfg.steps)
     schedule = set(checkpoint_schedule(cfg.steps, cfg.checkpoints, cfg.log_checkpoints))
 
     metrics_file = store.open_metrics_for_append()
 
-    def log_row(step: int) -> dict[str, float]:
+    def log_row(step: int) -> dict[str, float | int]:
         model.eval()
         row = {"step": step, **evaluate(model, data), "weight_norm_sq": weight_norm_sq(model.parameters()),
                "lr": learning_rate(cfg, max(step, 1)), "time_s": round(time.perf_counter() - started, 3)}
@@ -235,9 +237,13 @@ def _train_locked(config, store: RunStore, data: TaskData, dev, resume, progress
         save(0, None)
     else:
         rows = store.read_metrics()
+        started -= rows[-1]["time_s"] if rows else 0.0  # wall time in the log counts across resumes
     threshold = cfg.stop_val_acc
-    reached_at = _first_reaching(rows, "val_acc", threshold) if threshold > 0 else None
+    reached_at = first_step_reaching(rows, "val_acc", threshold) if threshold > 0 else None
     stop_reason = _stop_reason(cfg, step, reached_at, interrupted=False, loss_finite=True)
+    if resume and stop_reason == "early_stop":
+        log.info("the run met its stop rule (val acc %.2f at step %d); resume with --stop-val-acc 0 to train on",
+                 threshold, reached_at)
 
     bar = _progress_bar(progress, step, cfg.steps, store.path.name)
     if rows:
@@ -291,13 +297,6 @@ def _stop_reason(cfg: TrainConfig, step: int, reached_at: int | None, interrupte
         return "budget"
     if interrupted:
         return "interrupted"
-    return None
-
-
-def _first_reaching(rows, column: str, threshold: float) -> int | None:
-    for row in rows:
-        if row[column] >= threshold:
-            return int(row["step"])
     return None
 
 

@@ -136,3 +136,10 @@ def test_warmup_and_batches():
     assert torch.equal(batch_indices(100, 32, 7, 6), batch_indices(100, 32, 7, 6))
     assert not torch.equal(batch_indices(100, 32, 7, 1), batch_indices(100, 32, 8, 1))
     assert math.ceil(100 / 32) == 4
+
+
+def test_a_permutation_task_trains(tmp_path, tiny):
+    run = train(tiny(op="perm_conj", n=3, frac_train=0.5, steps=60), tmp_path / "s3", device="cpu",
+                progress=False).run
+    assert run.data.n_symbols == 6 and run.model().cfg.d_vocab == 7 and run.model().cfg.d_vocab_out == 6
+    assert run.metrics.train_acc.iloc[-1] == 1.0
