@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from grokinterp.config import ConfigError, RunConfig
+from grokinterp.errors import RunError
 from grokinterp.tasks import TaskData
 
 CONFIG_FILE = "config.json"
@@ -39,9 +40,6 @@ TRAINER_STATE_FILE = "trainer_state.pt"
 LOCK_FILE = ".lock"
 DEFAULT_ROOT = Path("checkpoints")
 
-
-class RunError(ValueError):
-    """A run directory that cannot be used as asked; the message names the file and the fix."""
 
 
 def checkpoint_schedule(total_steps: int, n_regular: int, n_log: int) -> list[int]:

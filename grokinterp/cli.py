@@ -7,9 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-from grokinterp.checkpoints import DEFAULT_ROOT, RunError, find_runs, load_run, resolve_run_path
-from grokinterp.config import DEFAULT_PRESET, PRESETS, SECTIONS, ConfigError, RunConfig, field_docs, get_preset
-from grokinterp.tasks import OPERATIONS, TaskError
+from grokinterp.checkpoints import DEFAULT_ROOT, find_runs, load_run, resolve_run_path
+from grokinterp.config import DEFAULT_PRESET, PRESETS, SECTIONS, RunConfig, field_docs, get_preset
+from grokinterp.errors import GrokinterpError, RunError
+from grokinterp.tasks import OPERATIONS
 
 log = logging.getLogger("grokinterp")
 
@@ -66,6 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_config_flags(train)
+
+    analyze = sub.add_parser("analyze", help="run a metric over every checkpoint of a run",
+                             description="Compute a metric at each checkpoint; write analyses/<run>/<metric>.csv "
+                                         "and .html (cached per checkpoint).")
+    analyze.add_argument("run", help="run directory (or name under checkpoints/)")
+    analyze.add_argument("--metric", required=True, help="metric name, or 'all' (see --list)")
+    analyze.add_argument("--steps", default=None,
+                         help="checkpoints to analyse: all (default), or steps and START:END ranges, e.g. 0,100,1000:")
+    analyze.add_argument("--out", default="analyses", help="folder for analysis outputs (default %(default)s)")
+    analyze.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
+    analyze.add_argument("--seed", type=int, default=0, help="seed of sampling metrics (sharpness probes)")
+    analyze.add_argument("--skip-corrupt", action="store_true",
+                         help="skip unreadable checkpoints with a warning instead of stopping")
+    analyze.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    report = sub.add_parser("report", help="one HTML page with every computed metric of a run")
+    report.add_argument("run", help="run directory (or name under checkpoints/)")
+    report.add_argument("--out", default="analyses", help="folder of analysis outputs (default %(default)s)")
 
     runs = sub.add_parser("runs", help="list runs with steps trained and when they reached 99%% accuracy")
     runs.add_argument("root", nargs="?", default=str(DEFAULT_ROOT), help="folder of runs (default %(default)s)")
@@ -160,14 +179,41 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from grokinterp.analyze import analyze, get_metric, metrics_for
+    from grokinterp.train import resolve_device
+
+    run = load_run(args.run)
+    names = metrics_for(run) if args.metric == "all" else [get_metric(args.metric, run).name]
+    device = str(resolve_device(args.device))
+    for name in names:
+        result = analyze(run, name, steps=args.steps, out_root=args.out, device=device, seed=args.seed,
+                         skip_corrupt=args.skip_corrupt, progress=not args.no_progress)
+        cached = len(result.table) - result.computed
+        print(f"{name}: {result.computed} checkpoint(s) computed, {cached} from cache"
+              + (f", {len(result.skipped)} skipped" if result.skipped else "")
+              + f" -> {result.csv_path}, {result.html_path}")
+    print(f"Next:  grokinterp report {run.path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from grokinterp.analyze import report
+
+    path = report(load_run(args.run), out_root=args.out)
+    print(f"Report: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-        return {"train": cmd_train, "runs": cmd_runs}[args.command](args)
-    except (UsageError, ConfigError, TaskError, RunError) as err:
+        commands = {"train": cmd_train, "analyze": cmd_analyze, "report": cmd_report, "runs": cmd_runs}
+        return commands[args.command](args)
+    except (UsageError, GrokinterpError) as err:
         print(f"grokinterp: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C during training: checkpoints written so far are complete

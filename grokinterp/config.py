@@ -12,11 +12,8 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
+from grokinterp.errors import ConfigError
 from grokinterp.tasks import TaskError, check_task, get_operation
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message is one line saying what is wrong and how to fix it."""
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,8 @@ import numpy as np
 import torch
 from jaxtyping import Int
 
+from grokinterp.errors import TaskError
 from grokinterp.groups import SymmetricGroup
-
-
-class TaskError(ValueError):
-    """A task that cannot be built (unknown operation, bad modulus or fraction); the message says how to fix it."""
 
 
 @dataclass(frozen=True)

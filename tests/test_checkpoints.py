@@ -1,5 +1,5 @@
-import torch
 import pytest
+import torch
 
 from grokinterp.checkpoints import RunError, RunStore, checkpoint_schedule, load_run
 from grokinterp.model import build_model
