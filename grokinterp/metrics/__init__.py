@@ -1,0 +1,48 @@
+"""The metric registry: every analysis ``grokinterp analyze --metric NAME`` can run, filled in one place.
+
+A per-checkpoint metric is a pure function ``(Checkpoint, **params) -> dict[str, float]`` (one row per step).
+``prepare``, when given, computes run-level parameters once from the run's last checkpoint (e.g. the key Fourier
+frequencies that every step is then measured against), so every row of a table uses the same ones.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from grokinterp.metrics.base import Checkpoint
+from grokinterp.metrics.fourier import MAX_KEY_FREQS, circle_metrics, fourier_metrics, frequency_power, key_frequencies
+from grokinterp.metrics.weights import weight_norm_metrics
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    fn: Callable[..., dict[str, float]] | None
+    """Per-checkpoint function; None for metrics read off the metrics log (phases)."""
+    description: str
+    families: tuple[str, ...] = ("mod", "perm")
+    """Task families the metric applies to."""
+    prepare: Callable[[Checkpoint], dict[str, Any]] | None = None
+
+
+def _final_key_freqs(ckpt: Checkpoint) -> dict[str, Any]:
+    p = ckpt.config.task.p
+    power = frequency_power(ckpt.model.W_E[:p].detach().cpu())
+    return {"key_freqs": key_frequencies(power)[:MAX_KEY_FREQS]}
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register(metric: Metric) -> None:
+    if metric.name in METRICS:
+        raise RuntimeError(f"metric {metric.name!r} is registered twice")
+    METRICS[metric.name] = metric
+
+
+register(Metric("phases", None, "steps where train/val accuracy pass 50% and 99%, and the grokking delay"))
+register(Metric("weight-norm", weight_norm_metrics, "Σ‖θ‖² in total and per component (embed, attn, mlp, unembed)"))
+register(Metric("fourier", fourier_metrics, "Fourier power of W_E/W_U per frequency, sparsity, neurons explained "
+                "by one frequency, restricted and excluded loss", families=("mod",), prepare=_final_key_freqs))
+register(Metric("circles", circle_metrics, "how well the embedding sits on a circle for each key frequency",
+                families=("mod",), prepare=_final_key_freqs))

@@ -1,0 +1,222 @@
+"""Fourier analysis of mod-p models (Nanda et al. 2023; Gromov 2023).
+
+The Fourier basis over p tokens has orthonormal rows ``1/√p``, ``√(2/p) cos(w_k i)``, ``√(2/p) sin(w_k i)`` for
+``k = 1..⌊(p-1)/2⌋`` with ``w_k = 2πk/p`` (and ``cos(π i)/√p`` when p is even). "Power at frequency k" of a matrix
+whose rows are tokens is the squared norm of its cos_k and sin_k coefficient rows.
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+
+from grokinterp.metrics.base import Checkpoint
+from grokinterp.model import answer_logits
+
+KEY_POWER_FRACTION = 0.9  # key frequencies: the fewest, strongest first, that hold 90% of the non-constant power
+NEURON_EXPLAINED = 0.85  # a neuron is "explained by one frequency" above this fraction of its variance (Nanda)
+MAX_KEY_FREQS = 10  # restricted/excluded losses use at most this many frequencies
+
+
+def fourier_basis(p: int) -> tuple[Float[torch.Tensor, "p p"], list[str]]:
+    """Orthonormal Fourier basis (rows) over p tokens and the rows' names ('const', 'cos 1', 'sin 1', ...)."""
+    i = torch.arange(p, dtype=torch.float64)
+    rows, names = [torch.full((p,), 1 / math.sqrt(p), dtype=torch.float64)], ["const"]
+    for k in range(1, (p - 1) // 2 + 1):
+        w = 2 * math.pi * k / p
+        rows += [torch.cos(w * i), torch.sin(w * i)]
+        names += [f"cos {k}", f"sin {k}"]
+    if p % 2 == 0:
+        rows.append(torch.cos(math.pi * i))
+        names.append(f"cos {p // 2}")
+    basis = torch.stack(rows)
+    return basis / basis.norm(dim=1, keepdim=True), names
+
+
+def n_frequencies(p: int) -> int:
+    return p // 2
+
+
+def frequency_power(W: Float[torch.Tensor, "p d"]) -> Float[torch.Tensor, " n_freq"]:
+    """Power of each frequency k = 1..p//2 in a matrix whose rows are the p tokens (constant term dropped)."""
+    p = W.shape[0]
+    basis, _ = fourier_basis(p)
+    coeffs = basis @ W.to(torch.float64)
+    power = coeffs.pow(2).sum(dim=1)
+    freq = torch.zeros(n_frequencies(p), dtype=torch.float64)
+    k_of_row = torch.tensor([0] + [(r + 1) // 2 for r in range(1, p)], dtype=torch.long)
+    freq.index_add_(0, k_of_row[1:] - 1, power[1:])
+    return freq
+
+
+def key_frequencies(power: Float[torch.Tensor, " n_freq"], fraction: float = KEY_POWER_FRACTION) -> list[int]:
+    """The fewest frequencies (1-based, strongest first) holding ``fraction`` of the total power."""
+    order = torch.argsort(power, descending=True)
+    cumulative = torch.cumsum(power[order], 0) / power.sum().clamp_min(1e-300)
+    n = int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype)).item()) + 1
+    return [int(k) + 1 for k in order[: min(n, len(order))]]
+
+
+def top_k_fraction(power: Float[torch.Tensor, " n_freq"], k: int) -> float:
+    """Fraction of the power in the k strongest frequencies."""
+    return float(power.sort(descending=True).values[:k].sum() / power.sum().clamp_min(1e-300))
+
+
+def inverse_participation_ratio(power: Float[torch.Tensor, " n_freq"]) -> float:
+    """IPR = Σ|F_k|⁴ / (Σ|F_k|²)² with |F_k|² the power: 1 for one frequency, 1/n for n equal ones."""
+    return float(power.pow(2).sum() / power.sum().pow(2).clamp_min(1e-300))
+
+
+def neuron_frequency_fractions(acts: Float[torch.Tensor, "p p d_mlp"]) -> Float[torch.Tensor, "d_mlp n_freq"]:
+    """For each neuron, the fraction of its (non-constant) variance over the (a, b) grid carried by 2D Fourier
+    terms built from frequency k alone: {1, cos_k, sin_k}(a) × {1, cos_k, sin_k}(b) minus the constant."""
+    p = acts.shape[0]
+    basis, _ = fourier_basis(p)
+    coeffs = torch.einsum("ia,jb,abn->nij", basis, basis, acts.to(torch.float64))
+    power = coeffs.pow(2)
+    total = power.sum(dim=(1, 2)) - power[:, 0, 0]
+    out = torch.zeros(acts.shape[2], n_frequencies(p), dtype=torch.float64)
+    for k in range(1, n_frequencies(p) + 1):
+        idx = [0, 2 * k - 1, 2 * k] if 2 * k < p else [0, 2 * k - 1]
+        block = power[:, idx][:, :, idx].sum(dim=(1, 2)) - power[:, 0, 0]
+        out[:, k - 1] = block
+    return out / total.clamp_min(1e-300)[:, None]
+
+
+def _key_direction_basis(p: int, freqs: list[int]) -> Float[torch.Tensor, "p_sq n_dirs"]:
+    """Orthonormal columns cos(w_k(a+b)), sin(w_k(a+b)) over the p² pairs (a, b), a-major."""
+    a = torch.arange(p, dtype=torch.float64).repeat_interleave(p)
+    b = torch.arange(p, dtype=torch.float64).repeat(p)
+    cols = []
+    for k in freqs:
+        w = 2 * math.pi * k / p
+        cols += [torch.cos(w * (a + b)), torch.sin(w * (a + b))]
+    q, _ = torch.linalg.qr(torch.stack(cols, dim=1))
+    return q
+
+
+def restricted_and_excluded_loss(
+    logits: Float[torch.Tensor, "p_sq p"],
+    labels: Int[torch.Tensor, " p_sq"],
+    train_rows: Int[torch.Tensor, " n_train"],
+    freqs: list[int],
+) -> tuple[float, float]:
+    """Nanda et al.'s progress measures, for logits over all p² pairs (a-major rows).
+
+    Restricted loss: keep only the components of the logits along cos(w_k(a+b)), sin(w_k(a+b)) for the key
+    frequencies, plus each output's mean over pairs; cross-entropy over all pairs. Excluded loss: remove those
+    components; cross-entropy on the training pairs."""
+    p = logits.shape[1]
+    logits = logits.to(torch.float64)
+    q = _key_direction_basis(p, freqs)
+    mean = logits.mean(dim=0, keepdim=True)
+    centred = logits - mean
+    along = q @ (q.T @ centred)
+    restricted = F.cross_entropy(along + mean, labels).item()
+    excluded = F.cross_entropy((logits - along)[train_rows], labels[train_rows]).item()
+    return restricted, excluded
+
+
+def circle_score(E: Float[torch.Tensor, "p d"], k: int, n_pcs: int = 10) -> tuple[float, int, int]:
+    """How well the tokens sit on a circle in the order 2πkx/p, in some plane of two principal components.
+
+    For each pair (i, j) of the top ``n_pcs`` principal components of the centred embedding, z_x = PC_i(x) +
+    i·PC_j(x); the score is the fraction of Σ|z_x|² captured by the best circle a·e^{±i w_k x}, i.e.
+    max(|Σ z_x e^{-i w_k x}|², |Σ z_x e^{i w_k x}|²) / (p Σ|z_x|²). It is 1 exactly when the points lie on a circle
+    traversed in that order, and about 2/p for points in random positions. Returns (score, i, j), PCs 0-based."""
+    p = E.shape[0]
+    centred = E.to(torch.float64) - E.to(torch.float64).mean(dim=0, keepdim=True)
+    u, s, _ = torch.linalg.svd(centred, full_matrices=False)
+    keep = int((s.pow(2) > 1e-9 * s.pow(2).sum()).sum())  # directions with no variance carry only rounding noise
+    pcs = u[:, : min(n_pcs, keep)] * s[: min(n_pcs, keep)]
+    phase = torch.exp(-2j * math.pi * k * torch.arange(p, dtype=torch.float64) / p)
+    best = (0.0, 0, 1)
+    for i in range(pcs.shape[1]):
+        for j in range(i + 1, pcs.shape[1]):
+            z = torch.complex(pcs[:, i], pcs[:, j])
+            norm = z.abs().pow(2).sum().clamp_min(1e-300)
+            fit = max((z * phase).sum().abs().pow(2), (z * phase.conj()).sum().abs().pow(2)) / (p * norm)
+            if float(fit) > best[0]:
+                best = (float(fit), i, j)
+    return best
+
+
+def _require_mod(ckpt: Checkpoint) -> int:
+    from grokinterp.tasks import OPERATIONS
+
+    op = OPERATIONS[ckpt.config.task.op]
+    if op.family != "mod":
+        raise ValueError(f"the fourier metrics need a mod-p task; run's task is {op.name} ({op.formula})")
+    return ckpt.config.task.p
+
+
+def all_pair_rows(ckpt: Checkpoint) -> Int[torch.Tensor, " p_sq"] | None:
+    """Row of each (a, b) pair in a-major order, if the table has all p² pairs (not for division)."""
+    p = ckpt.data.n_symbols
+    if len(ckpt.data.labels) != p * p:
+        return None
+    tokens = ckpt.data.tokens
+    order = torch.argsort(tokens[:, 0] * p + tokens[:, 1])
+    return order
+
+
+def mlp_activations(ckpt: Checkpoint, rows: torch.Tensor) -> Float[torch.Tensor, "n_examples d_mlp"] | None:
+    """Post-activation of the first MLP at the answer position, for the given table rows."""
+    if ckpt.model.cfg.attn_only:
+        return None
+    name = "blocks.0.mlp.hook_post"
+    _, cache = ckpt.model.run_with_cache(ckpt.data.tokens[rows], names_filter=lambda n: n == name)
+    return cache[name][:, -1, :]
+
+
+@torch.no_grad()
+def fourier_metrics(ckpt: Checkpoint, key_freqs: list[int] | None = None) -> dict[str, float]:
+    """Fourier power of the embedding (W_E) and unembedding (W_U), sparsity, neurons explained by one frequency,
+    and the restricted/excluded losses for ``key_freqs`` (default: this checkpoint's own key frequencies)."""
+    p = _require_mod(ckpt)
+    model = ckpt.model
+    embed_power = frequency_power(model.W_E[:p].detach().cpu())
+    unembed_power = frequency_power(model.W_U.detach().cpu().T)
+    own_keys = key_frequencies(embed_power)
+    row: dict[str, float] = {
+        "embed_n_key_freqs": len(own_keys),
+        "embed_top1_freq": own_keys[0],
+        "embed_top5_fraction": top_k_fraction(embed_power, 5),
+        "embed_ipr": inverse_participation_ratio(embed_power),
+        "unembed_n_key_freqs": len(key_frequencies(unembed_power)),
+        "unembed_top5_fraction": top_k_fraction(unembed_power, 5),
+        "unembed_ipr": inverse_participation_ratio(unembed_power),
+    }
+    keys = (key_freqs or own_keys)[:MAX_KEY_FREQS]
+    row["key_freqs_power_fraction"] = float(embed_power[[k - 1 for k in keys]].sum() / embed_power.sum())
+    rows = all_pair_rows(ckpt)
+    if rows is not None:
+        logits = answer_logits(model, ckpt.data.tokens[rows])
+        labels = ckpt.data.labels[rows]
+        position = torch.empty_like(rows)
+        position[rows] = torch.arange(len(rows), device=rows.device)
+        train_rows = position[ckpt.data.train_idx]
+        row["restricted_loss"], row["excluded_loss"] = restricted_and_excluded_loss(
+            logits.cpu(), labels.cpu(), train_rows.cpu(), keys)
+        acts = mlp_activations(ckpt, rows)
+        if acts is not None:
+            fractions = neuron_frequency_fractions(acts.cpu().reshape(p, p, -1))
+            row["neurons_explained_one_freq"] = float((fractions.max(dim=1).values >= NEURON_EXPLAINED).double().mean())
+    for k in range(1, n_frequencies(p) + 1):
+        row[f"embed_power_k{k}"] = float(embed_power[k - 1] / embed_power.sum())
+    return row
+
+
+@torch.no_grad()
+def circle_metrics(ckpt: Checkpoint, key_freqs: list[int] | None = None) -> dict[str, float]:
+    """Circle score of the embedding for each key frequency (default: this checkpoint's own)."""
+    p = _require_mod(ckpt)
+    E = ckpt.model.W_E[:p].detach().cpu()
+    keys = key_freqs or key_frequencies(frequency_power(E))[:MAX_KEY_FREQS]
+    scores = {k: circle_score(E, k)[0] for k in keys}
+    row = {f"circle_k{k}": s for k, s in scores.items()}
+    row["circle_mean"] = float(np.mean(list(scores.values())))
+    row["circle_max"] = float(max(scores.values()))
+    return row

@@ -1,0 +1,99 @@
+"""Plotly figures built from tables (metrics log, analysis tables), never from models."""
+
+import re
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from grokinterp.metrics.phases import Phases
+
+PHASE_COLOURS = {"memorization": "rgba(255,160,0,0.10)", "plateau": "rgba(200,0,0,0.08)",
+                 "transition": "rgba(0,120,255,0.10)", "generalized": "rgba(0,170,0,0.08)"}
+PANEL_HEIGHT = 200
+
+
+def _series_groups(table: pd.DataFrame) -> tuple[list[str], dict[str, list[str]]]:
+    """Scalar columns to draw as lines, and families of per-index columns (``embed_power_k1..``) as heatmaps."""
+    families: dict[str, list[str]] = {}
+    lines = []
+    for col in table.columns:
+        if col == "step" or not pd.api.types.is_numeric_dtype(table[col]):
+            continue
+        match = re.fullmatch(r"(.+_k)(\d+)", col)
+        if match and col.startswith("embed_power"):
+            families.setdefault(match.group(1), []).append(col)
+        else:
+            lines.append(col)
+    return lines, families
+
+
+def shade_phases(fig: go.Figure, phases: Phases | None, rows: int) -> None:
+    """Shade the phases on every panel and label them on the top one."""
+    if phases is None:
+        return
+    for name, start, end in phases.spans():
+        for row in range(1, rows + 1):
+            fig.add_vrect(x0=max(start, 1), x1=max(end, 1), fillcolor=PHASE_COLOURS[name], line_width=0,
+                          row=row, col=1, layer="below")
+        fig.add_annotation(x=_log_mid(max(start, 1), max(end, 1)), y=1.0, yref="y domain", xref="x", text=name,
+                           showarrow=False, font={"size": 10}, row=1, col=1)
+
+
+def _log_mid(a: int, b: int) -> float:
+    import math
+
+    return math.log10(math.sqrt(a * b)) if a > 0 and b > 0 else 0.0
+
+
+def _positive_steps(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[frame["step"] > 0]  # a log step axis cannot show step 0
+
+
+def add_training_curves(fig: go.Figure, log: pd.DataFrame, row: int) -> None:
+    log = _positive_steps(log)
+    for col, colour in (("train_acc", "#1f77b4"), ("val_acc", "#d62728")):
+        fig.add_trace(go.Scatter(x=log["step"], y=log[col], name=col, line={"color": colour}), row=row, col=1)
+    fig.update_yaxes(title_text="accuracy", range=[0, 1.02], row=row, col=1)
+
+
+def metric_figure(title: str, table: pd.DataFrame, log: pd.DataFrame, phases: Phases | None) -> go.Figure:
+    """Train/val accuracy on top, then one panel per scalar column and a heatmap per per-frequency family, all on
+    a shared log-scaled step axis with the phases shaded."""
+    lines, families = _series_groups(table)
+    n_rows = 1 + len(lines) + len(families)
+    fig = make_subplots(rows=n_rows, cols=1, shared_xaxes=True, vertical_spacing=min(0.04, 0.3 / n_rows),
+                        subplot_titles=["accuracy", *lines, *(f"{f}* (fraction of power)" for f in families)])
+    add_training_curves(fig, log, row=1)
+    data = _positive_steps(table)
+    for i, col in enumerate(lines, start=2):
+        fig.add_trace(go.Scatter(x=data["step"], y=data[col], name=col, mode="lines+markers",
+                                 marker={"size": 3}, showlegend=False), row=i, col=1)
+    for i, (family, cols) in enumerate(families.items(), start=2 + len(lines)):
+        ks = [int(c[len(family):]) for c in cols]
+        fig.add_trace(go.Heatmap(x=data["step"], y=ks, z=data[cols].to_numpy().T, colorscale="Viridis",
+                                 showscale=False, name=family), row=i, col=1)
+        fig.update_yaxes(title_text="frequency k", row=i, col=1)
+    fig.update_xaxes(type="log", row=n_rows, col=1, title_text="step (log scale)")
+    for r in range(1, n_rows):
+        fig.update_xaxes(type="log", row=r, col=1)
+    shade_phases(fig, phases, n_rows)
+    fig.update_layout(title=title, height=PANEL_HEIGHT * n_rows + 120, template="plotly_white",
+                      legend={"orientation": "h", "y": 1.0 + 40 / (PANEL_HEIGHT * n_rows), "x": 0})
+    return fig
+
+
+def training_figure(title: str, log: pd.DataFrame, phases: Phases | None) -> go.Figure:
+    """Accuracy and loss (log) against steps, phases shaded."""
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.06, subplot_titles=["accuracy", "loss"])
+    add_training_curves(fig, log, row=1)
+    data = _positive_steps(log)
+    for col, colour in (("train_loss", "#1f77b4"), ("val_loss", "#d62728")):
+        fig.add_trace(go.Scatter(x=data["step"], y=data[col], name=col, line={"color": colour, "dash": "dot"}),
+                      row=2, col=1)
+    fig.update_yaxes(type="log", title_text="loss", row=2, col=1)
+    fig.update_xaxes(type="log", row=1, col=1)
+    fig.update_xaxes(type="log", title_text="step (log scale)", row=2, col=1)
+    shade_phases(fig, phases, 2)
+    fig.update_layout(title=title, height=600, template="plotly_white")
+    return fig
