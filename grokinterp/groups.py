@@ -5,6 +5,11 @@ lexicographic order (so the identity is element 0). Those indices are the tokens
 
 Composition convention (used everywhere in grokinterp): ``x·y = x ∘ y``, i.e. ``(x·y)(i) = x[y[i]]`` -- apply
 ``y`` first, then ``x``. With it, ``mul[x, y]`` is the index of ``x·y`` and ``inv[x]`` the index of ``x⁻¹``.
+
+Representation theory: conjugacy classes and irreducible representations are both indexed by the partitions of n,
+listed in ``partitions`` in decreasing lexicographic order ((5), (4, 1), (3, 2), ..., (1, 1, 1, 1, 1) for S5).
+Each irrep is built in Young's orthogonal form, so its matrices are real and orthogonal, and it is a homomorphism
+for this module's product: ``rho[mul[x, y]] = rho[x] @ rho[y]``.
 """
 
 import itertools
@@ -12,7 +17,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-from jaxtyping import Int
+from jaxtyping import Float, Int
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,87 @@ class SymmetricGroup:
         """The even permutations A_n."""
         return np.flatnonzero(self.sign == 1)
 
+    # ---- conjugacy classes and irreducible representations -------------------------------------------------
+
+    @cached_property
+    def partitions(self) -> tuple[tuple[int, ...], ...]:
+        """The partitions of n, largest part first, in decreasing lexicographic order. They index both the
+        conjugacy classes (by cycle type) and the irreps (by Young diagram), in this order."""
+        return tuple(_partitions(self.n, self.n))
+
+    @cached_property
+    def class_of(self) -> Int[np.ndarray, " order"]:
+        """``class_of[g]``: position in ``partitions`` of g's cycle type, i.e. the index of g's conjugacy class."""
+        position = {shape: i for i, shape in enumerate(self.partitions)}
+        return np.array([position[self.cycle_type(g)] for g in range(self.order)], dtype=np.int64)
+
+    @cached_property
+    def conjugacy_classes(self) -> tuple[Int[np.ndarray, " class_size"], ...]:
+        """Sorted element indices of each conjugacy class, one per partition (cycle type) in ``partitions`` order."""
+        return tuple(np.flatnonzero(self.class_of == c) for c in range(len(self.partitions)))
+
+    @cached_property
+    def irreps(self) -> tuple["Irrep", ...]:
+        """One irreducible representation per partition, in ``partitions`` order ((n) is trivial, (1^n) sign)."""
+        names = _irrep_names(self.n)
+        return tuple(Irrep(shape, names[shape], self._young_orthogonal_form(shape)) for shape in self.partitions)
+
+    @cached_property
+    def irrep_aliases(self) -> dict[str, tuple[int, ...]]:
+        """Every accepted name of an irrep (primary names and friendly aliases) -> its partition."""
+        aliases = _friendly_aliases(self.n)
+        aliases.update({rho.name: rho.partition for rho in self.irreps})
+        return aliases
+
+    def irrep(self, key: "str | tuple[int, ...]") -> "Irrep":
+        """The irrep named ``key`` (a name such as 'standard' or 'p32', an alias, or a partition such as (3, 2))."""
+        shape = self.irrep_aliases.get(key) if isinstance(key, str) else tuple(int(k) for k in key)
+        for rho in self.irreps:
+            if rho.partition == shape:
+                return rho
+        raise ValueError(f"S_{self.n} has no irrep {key!r}; choose one of: {', '.join(self.irrep_aliases)}")
+
+    @cached_property
+    def character_table(self) -> Int[np.ndarray, "n_irreps n_classes"]:
+        """``character_table[i, c]`` = χ of irrep i on class c (both in ``partitions`` order); integers for S_n."""
+        reps = [int(members[0]) for members in self.conjugacy_classes]
+        return np.stack([np.rint(rho.character[reps]) for rho in self.irreps]).astype(np.int64)
+
+    def _young_orthogonal_form(self, shape: tuple[int, ...]) -> Float[np.ndarray, "order d_rep d_rep"]:
+        # Young's orthogonal form on standard Young tableaux T, for the adjacent transpositions s_i = (i i+1):
+        #   ρ(s_i) e_T = (1/a) e_T + sqrt(1 - 1/a²) e_{s_i T},   a = content(i+1) - content(i),  content = col - row,
+        # where the second term is present only when swapping i and i+1 in T leaves it standard (|a| > 1).
+        # These matrices are symmetric, orthogonal and satisfy the Coxeter relations, so g ↦ ρ(g) extends them to a
+        # homomorphism; we fill it in breadth-first over the Cayley graph with ρ(g·s_i) = ρ(g) ρ(s_i).
+        tableaux = _standard_tableaux(shape)
+        index = {t: k for k, t in enumerate(tableaux)}
+        d = len(tableaux)
+        generators = []
+        for i in range(self.n - 1):
+            s = np.zeros((d, d))
+            for k, t in enumerate(tableaux):
+                (r0, c0), (r1, c1) = t[i], t[i + 1]
+                a = (c1 - r1) - (c0 - r0)
+                s[k, k] = 1 / a
+                if abs(a) > 1:
+                    swapped = t[:i] + (t[i + 1], t[i]) + t[i + 2 :]
+                    s[index[swapped], k] = np.sqrt(1 - 1 / a**2)
+            swap = list(range(self.n))
+            swap[i], swap[i + 1] = i + 1, i
+            generators.append((self.index(swap), s))
+        rho = np.full((self.order, d, d), np.nan)
+        rho[self.identity] = np.eye(d)
+        frontier = np.array([self.identity])
+        while len(frontier):
+            reached = []
+            for g, s in generators:
+                targets = self.mul[frontier, g]
+                new = np.isnan(rho[targets, 0, 0])
+                rho[targets[new]] = rho[frontier[new]] @ s
+                reached.append(targets[new])
+            frontier = np.concatenate(reached)
+        return rho
+
 
 def _factorial(k: int) -> int:
     out = 1
@@ -139,3 +225,79 @@ def _relabel(rows: np.ndarray) -> np.ndarray:
     _, first, labels = np.unique(rows, axis=0, return_index=True, return_inverse=True)
     order = np.argsort(np.argsort(first))  # number cosets by the first element that lies in them
     return order[labels.reshape(-1)].astype(np.int64)
+
+
+@dataclass(frozen=True, eq=False)
+class Irrep:
+    """One irreducible representation of S_n as real orthogonal matrices, indexed by group element."""
+
+    partition: tuple[int, ...]
+    """Its Young diagram (row lengths)."""
+    name: str
+    """'trivial', 'sign', 'standard' (n-1, 1), 'standard_sign' (2, 1^(n-2)), else 'p' + the parts, e.g. 'p32'."""
+    matrices: Float[np.ndarray, "order d_rep d_rep"]
+    """``matrices[g]`` = ρ(g), orthogonal, with ``matrices[mul[x, y]] = matrices[x] @ matrices[y]``."""
+
+    @property
+    def dim(self) -> int:
+        return self.matrices.shape[1]
+
+    @property
+    def character(self) -> Float[np.ndarray, " order"]:
+        """χ(g) = tr ρ(g) for every element g."""
+        return np.trace(self.matrices, axis1=1, axis2=2)
+
+
+def _partitions(n: int, largest: int):
+    # Partitions of n with parts <= largest, in decreasing lexicographic order.
+    if n == 0:
+        yield ()
+        return
+    for first in range(min(n, largest), 0, -1):
+        for rest in _partitions(n - first, first):
+            yield (first, *rest)
+
+
+def _standard_tableaux(shape: tuple[int, ...]) -> list[tuple[tuple[int, int], ...]]:
+    """Standard Young tableaux of ``shape``, each as the (row, col) box holding 0, 1, ..., n-1."""
+    n = sum(shape)
+    out = []
+
+    def extend(placed: tuple[tuple[int, int], ...], filled: list[int]) -> None:
+        if len(placed) == n:
+            out.append(placed)
+            return
+        for row, length in enumerate(shape):
+            col = filled[row]
+            # a box is addable when its row has room and the row above is already longer
+            if col < length and (row == 0 or filled[row - 1] > col):
+                filled[row] += 1
+                extend(placed + ((row, col),), filled)
+                filled[row] -= 1
+
+    extend((), [0] * len(shape))
+    return out
+
+
+def _friendly_aliases(n: int) -> dict[str, tuple[int, ...]]:
+    aliases = {
+        "trivial": (n,),
+        "sign": (1,) * n,
+        "standard": (n - 1, 1),  # the permutation representation on R^n minus the trivial part
+        "standard_sign": (2,) + (1,) * (n - 2),  # standard ⊗ sign
+    }
+    if n >= 3:
+        aliases["wedge2"] = (n - 2, 1, 1)  # Λ² standard
+    return aliases
+
+
+def _irrep_names(n: int) -> dict[tuple[int, ...], str]:
+    # The first friendly alias that applies wins (for S3, standard ⊗ sign ≅ standard is called 'standard');
+    # 'wedge2' stays an alias only, so every other irrep is named by its partition.
+    names: dict[tuple[int, ...], str] = {}
+    for name, shape in _friendly_aliases(n).items():
+        if name != "wedge2":
+            names.setdefault(shape, name)
+    for shape in _partitions(n, n):
+        names.setdefault(shape, "p" + "".join(map(str, shape)))
+    return names
