@@ -11,6 +11,7 @@ from typing import Any
 
 from grokinterp.metrics.base import Checkpoint
 from grokinterp.metrics.fourier import MAX_KEY_FREQS, circle_metrics, fourier_metrics, frequency_power, key_frequencies
+from grokinterp.metrics.sn import coset_metrics, irrep_metrics
 from grokinterp.metrics.weights import weight_norm_metrics
 
 
@@ -46,3 +47,8 @@ register(Metric("fourier", fourier_metrics, "Fourier power of W_E/W_U per freque
                 "by one frequency, restricted and excluded loss", families=("mod",), prepare=_final_key_freqs))
 register(Metric("circles", circle_metrics, "how well the embedding sits on a circle for each key frequency",
                 families=("mod",), prepare=_final_key_freqs))
+register(Metric("cosets", coset_metrics, "how strongly W_E/W_U rows cluster by left and right cosets of point "
+                "stabilizers, A_n and (S5) a dihedral subgroup, against random labels of the same sizes",
+                families=("perm",)))
+register(Metric("irreps", irrep_metrics, "fraction of W_E/W_U variance in each irreducible representation, key "
+                "irreps, and the logits' similarity to tr ρ(x)ρ(y)ρ(z⁻¹)", families=("perm",)))

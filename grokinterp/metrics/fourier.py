@@ -172,7 +172,7 @@ def mlp_activations(ckpt: Checkpoint, rows: torch.Tensor) -> Float[torch.Tensor,
 
 
 @torch.no_grad()
-def fourier_metrics(ckpt: Checkpoint, key_freqs: list[int] | None = None) -> dict[str, float]:
+def fourier_metrics(ckpt: Checkpoint, key_freqs: list[int] | None = None) -> dict[str, float | int]:
     """Fourier power of the embedding (W_E) and unembedding (W_U), sparsity, neurons explained by one frequency,
     and the restricted/excluded losses for ``key_freqs`` (default: this checkpoint's own key frequencies)."""
     p = _require_mod(ckpt)
@@ -180,7 +180,7 @@ def fourier_metrics(ckpt: Checkpoint, key_freqs: list[int] | None = None) -> dic
     embed_power = frequency_power(model.W_E[:p].detach().cpu())
     unembed_power = frequency_power(model.W_U.detach().cpu().T)
     own_keys = key_frequencies(embed_power)
-    row: dict[str, float] = {
+    row: dict[str, float | int] = {
         "embed_n_key_freqs": len(own_keys),
         "embed_top1_freq": own_keys[0],
         "embed_top5_fraction": top_k_fraction(embed_power, 5),

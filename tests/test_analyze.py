@@ -1,0 +1,144 @@
+import hashlib
+
+import pandas as pd
+import pytest
+import torch
+
+from grokinterp.analyze import analyze, report, select_steps
+from grokinterp.checkpoints import load_run
+from grokinterp.cli import main
+from grokinterp.errors import AnalysisError, RunError
+from grokinterp.metrics import METRICS
+from grokinterp.metrics.base import Checkpoint
+from grokinterp.metrics.phases import phases_from_log
+from grokinterp.metrics.weights import weight_norms
+from grokinterp.train import train
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from conftest import tiny_config
+
+    path = tmp_path_factory.mktemp("runs") / "tiny"
+    train(tiny_config(p=11, steps=40, checkpoints=4, log_checkpoints=3), path, device="cpu", progress=False)
+    return load_run(path)
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_phases_of_a_known_log():
+    rows = [{"step": s, "train_acc": t, "val_acc": v} for s, t, v in
+            [(0, 0.0, 0.0), (10, 0.6, 0.0), (20, 1.0, 0.01), (30, 1.0, 0.2), (40, 1.0, 0.7), (50, 1.0, 0.995)]]
+    phases = phases_from_log(rows)
+    assert (phases.train_50, phases.train_99, phases.val_50, phases.val_99) == (10, 20, 40, 50)
+    assert phases.grokking_delay == 30
+    assert phases.spans() == [("memorization", 0, 20), ("plateau", 20, 40), ("transition", 40, 50)]
+    never = phases_from_log(rows[:3])
+    assert never.val_99 is None and never.grokking_delay is None
+    assert never.spans() == [("memorization", 0, 20)]
+
+
+def test_weight_norms_by_component():
+    state = {"embed.W_E": torch.ones(2, 3), "pos_embed.W_pos": torch.ones(1, 3), "blocks.0.attn.W_Q": 2 * torch.ones(2),
+             "blocks.0.mlp.W_in": torch.ones(4), "unembed.W_U": torch.ones(5), "ln_final.w": torch.ones(1)}
+    norms = weight_norms(state)
+    assert norms == {"norm_sq_embed": 9.0, "norm_sq_attn": 8.0, "norm_sq_mlp": 4.0, "norm_sq_unembed": 5.0,
+                     "norm_sq_ln": 1.0, "norm_sq_total": 27.0}
+
+
+@pytest.fixture(scope="module")
+def tiny_perm_run(tmp_path_factory):
+    from conftest import tiny_config
+
+    path = tmp_path_factory.mktemp("runs") / "s4"
+    train(tiny_config(op="perm_mul", n=4, frac_train=0.5, steps=10, checkpoints=2, log_checkpoints=0), path,
+          device="cpu", progress=False)
+    return load_run(path)
+
+
+def test_every_metric_leaves_the_weights_alone(tiny_run, tiny_perm_run):
+    for name, metric in METRICS.items():
+        if metric.fn is None:
+            continue
+        run = tiny_run if "mod" in metric.families else tiny_perm_run
+        step = run.steps[-1]
+        model = run.model(step)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        ckpt = Checkpoint(step, model, run.data, run.config)
+        params = metric.prepare(ckpt) if metric.prepare else {}
+        row = metric.fn(ckpt, **params)
+        assert row and all(isinstance(v, (int, float)) for v in row.values()), name
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), name
+
+
+def test_analyze_writes_a_row_per_checkpoint_and_caches(tiny_run, tmp_path):
+    weights_before = {s: _digest(tiny_run.path / "weights" / f"step_{s:07d}.safetensors") for s in tiny_run.steps}
+    first = analyze(tiny_run, "fourier", out_root=tmp_path, progress=False)
+    table = pd.read_csv(first.csv_path)
+    assert list(table.step) == tiny_run.steps and first.computed == len(tiny_run.steps)
+    assert {"embed_ipr", "restricted_loss", "excluded_loss", "embed_power_k1", "embed_power_k5"} <= set(table.columns)
+    assert table.filter(like="embed_power_k").sum(axis=1).round(9).eq(1).all()  # fractions of the power
+    html = first.html_path.read_text()
+    assert "plotly" in html and len(html) > 1_000_000  # self-contained: plotly.js is inlined
+    again = analyze(tiny_run, "fourier", out_root=tmp_path, progress=False)
+    assert again.computed == 0 and again.table.equals(first.table)
+    assert weights_before == {s: _digest(tiny_run.path / "weights" / f"step_{s:07d}.safetensors")
+                              for s in tiny_run.steps}
+
+
+def test_step_selection():
+    steps = [0, 1, 2, 5, 10, 20, 40]
+    assert select_steps(steps, None) == steps
+    assert select_steps(steps, "0,10") == [0, 10]
+    assert select_steps(steps, "2:10") == [2, 5, 10]
+    assert select_steps(steps, "20:") == [20, 40]
+    with pytest.raises(AnalysisError, match="step 7 has no checkpoint; the nearest is 5"):
+        select_steps(steps, "7")
+    with pytest.raises(AnalysisError, match="use 'all'"):
+        select_steps(steps, "ten")
+    with pytest.raises(AnalysisError, match="selects no checkpoint"):
+        select_steps(steps, "100:200")
+
+
+def test_corrupt_checkpoint_is_named_or_skipped(tiny_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run.path, copy)
+    run = load_run(copy)
+    bad = run.steps[2]
+    (copy / "weights" / f"step_{bad:07d}.safetensors").write_bytes(b"garbage")
+    with pytest.raises(RunError, match=f"step_{bad:07d}.safetensors is corrupt or truncated"):
+        analyze(run, "weight-norm", out_root=tmp_path / "a", progress=False)
+    assert not (tmp_path / "a" / "copy" / "weight-norm.csv").exists()  # no partial output
+    result = analyze(run, "weight-norm", out_root=tmp_path / "a", progress=False, skip_corrupt=True)
+    assert result.skipped == [bad] and bad not in list(result.table.step)
+    assert len(result.table) == len(run.steps) - 1
+
+
+def test_report_and_cli(tiny_run, tmp_path, capsys):
+    out = tmp_path / "analyses"
+    assert main(["analyze", str(tiny_run.path), "--metric", "all", "--out", str(out), "--no-progress"]) == 0
+    for name in ("phases", "weight-norm", "fourier", "circles"):
+        assert (out / tiny_run.name / f"{name}.csv").exists() and (out / tiny_run.name / f"{name}.html").exists()
+    assert main(["report", str(tiny_run.path), "--out", str(out)]) == 0
+    page = (out / tiny_run.name / "report.html").read_text()
+    assert page.count("<div") > 4 and "weight-norm" in page and "fourier" in page
+    capsys.readouterr()
+    assert main(["analyze", str(tiny_run.path), "--metric", "nope", "--out", str(out)]) == 2
+    assert "unknown metric 'nope'; choose one of: phases, weight-norm" in capsys.readouterr().err
+
+
+def test_permutation_runs_get_their_own_metrics(tiny_perm_run, tmp_path, capsys):
+    assert main(["analyze", str(tiny_perm_run.path), "--metric", "fourier", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("grokinterp: error: metric 'fourier' applies to mod tasks, but run s4 is perm_mul (perm); "
+                   "choose another metric")
+    assert main(["analyze", str(tiny_perm_run.path), "--metric", "all", "--out", str(tmp_path), "--no-progress"]) == 0
+    for name in ("phases", "weight-norm", "cosets", "irreps"):
+        assert (tmp_path / "s4" / f"{name}.csv").exists()
+    irreps = pd.read_csv(tmp_path / "s4" / "irreps.csv")
+    fve = irreps.filter(like="embed_fve_").drop(columns=[c for c in irreps if c.startswith("unembed")])
+    assert fve.sum(axis=1).round(6).eq(1).all()  # the centred embedding decomposes fully over the irreps
