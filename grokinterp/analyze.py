@@ -20,7 +20,7 @@ from grokinterp.errors import AnalysisError
 from grokinterp.metrics import METRICS, Metric
 from grokinterp.metrics.base import Checkpoint
 from grokinterp.metrics.phases import Phases, phases_from_log
-from grokinterp.plots import metric_figure, training_figure
+from grokinterp.plots import metric_figure, points_figure, training_figure
 from grokinterp.tasks import OPERATIONS
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,24 @@ def _read_cache(path: Path, key: str) -> dict[int, dict[str, Any]]:
     return rows
 
 
-def _write_html(fig, path: Path) -> None:
-    write_text_atomic(path, fig.to_html(include_plotlyjs=True, full_html=True))
+def _write_html(figures: list, path: Path, header: str = "") -> None:
+    """One self-contained page (plotly.js inlined once) holding the figures."""
+    parts = [fig.to_html(include_plotlyjs=(i == 0), full_html=False) for i, fig in enumerate(figures)]
+    write_text_atomic(path, f"<html><head><meta charset='utf-8'><title>{path.stem}</title></head><body>{header}"
+                      + "".join(parts) + "</body></html>")
+
+
+def snapshot_steps(available: list[int], phases: Phases) -> dict[int, str]:
+    """Checkpoints nearest to the start, the phase boundaries and the end, with their labels."""
+    marks = {"init": 0, "train 99%": phases.train_99, "val 50%": phases.val_50, "val 99%": phases.val_99,
+             "last": available[-1]}
+    out: dict[int, str] = {}
+    for label, step in marks.items():
+        if step is None:
+            continue
+        nearest = min(available, key=lambda s: abs(s - step))
+        out[nearest] = f"{out[nearest]}, {label}" if nearest in out else label
+    return dict(sorted(out.items()))
 
 
 def analysis_dir(run: Run, out_root: str | os.PathLike = DEFAULT_ANALYSES) -> Path:
@@ -137,7 +153,7 @@ def analyze(
         table = pd.DataFrame([phases.as_row()])
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(csv_path, table.to_csv(index=False))
-        _write_html(training_figure(f"{run.name}: phases", log_frame, phases), html_path)
+        _write_html([training_figure(f"{run.name}: phases", log_frame, phases)], html_path)
         return AnalysisResult(metric.name, table, csv_path, html_path, 0, [])
 
     available = run.steps
@@ -177,9 +193,16 @@ def analyze(
         bar.close()
 
     table = pd.DataFrame([cached[s] for s in sorted(cached)])
-    write_text_atomic(csv_path, table.to_csv(index=False))
     title = f"{run.name}: {metric.name}" + (f"  ({_describe_params(params)})" if params else "")
-    _write_html(metric_figure(title, table, log_frame, phases), html_path)
+    figures = [metric_figure(title, table, log_frame, phases)]
+    if metric.points is not None:
+        labels = snapshot_steps(available, phases)
+        points = pd.DataFrame([{"step": step, **p} for step in labels
+                               for p in metric.points(checkpoint(step), **params)])
+        write_text_atomic(out / f"{metric.name}_points.csv", points.to_csv(index=False))
+        figures.append(points_figure(f"{run.name}: {metric.name} at the phase boundaries", points, labels))
+    write_text_atomic(csv_path, table.to_csv(index=False))
+    _write_html(figures, html_path)
     return AnalysisResult(metric.name, table, csv_path, html_path, len(todo) - len(skipped), skipped)
 
 
@@ -211,7 +234,6 @@ def report(run: Run, out_root: str | os.PathLike = DEFAULT_ANALYSES) -> Path:
         if metric.fn is None or not csv.exists():
             continue
         figures.append(metric_figure(f"{run.name}: {name}", pd.read_csv(csv), log_frame, phases))
-    parts = [fig.to_html(include_plotlyjs=(i == 0), full_html=False) for i, fig in enumerate(figures)]
     summary = phases.as_row()
     header = (f"<h1>grokinterp report: {run.name}</h1><p>{run.config.task.op} "
               f"({OPERATIONS[run.config.task.op].formula}); phases: "
@@ -220,6 +242,5 @@ def report(run: Run, out_root: str | os.PathLike = DEFAULT_ANALYSES) -> Path:
         header += "<p>No analyses yet: run <code>grokinterp analyze RUN --metric all</code> first.</p>"
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.html"
-    write_text_atomic(path, f"<html><head><meta charset='utf-8'><title>{run.name}</title></head><body>"
-                      + header + "".join(parts) + "</body></html>")
+    _write_html(figures, path, header=header)
     return path

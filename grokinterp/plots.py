@@ -97,3 +97,23 @@ def training_figure(title: str, log: pd.DataFrame, phases: Phases | None) -> go.
     shade_phases(fig, phases, 2)
     fig.update_layout(title=title, height=600, template="plotly_white")
     return fig
+
+
+def points_figure(title: str, points: pd.DataFrame, step_labels: dict[int, str]) -> go.Figure:
+    """Scatter panels of per-token 2D points: one row per panel kind, one column per snapshot step."""
+    panels = list(dict.fromkeys(points["panel"]))
+    steps = sorted(points["step"].unique())
+    fig = make_subplots(rows=len(panels), cols=len(steps), horizontal_spacing=0.02,
+                        vertical_spacing=min(0.08, 0.4 / max(len(panels), 1)),
+                        column_titles=[f"step {s} ({step_labels.get(s, '')})" for s in steps], row_titles=panels)
+    for r, panel in enumerate(panels, start=1):
+        for c, step in enumerate(steps, start=1):
+            sel = points[(points["panel"] == panel) & (points["step"] == step)]
+            fig.add_trace(go.Scatter(x=sel["x"], y=sel["y"], mode="markers", text=[f"token {t}" for t in sel["token"]],
+                                     marker={"color": sel["colour"], "colorscale": "Phase", "size": 6},
+                                     showlegend=False, hovertemplate="%{text}<extra></extra>"), row=r, col=c)
+            fig.update_xaxes(showticklabels=False, row=r, col=c)
+            fig.update_yaxes(showticklabels=False, row=r, col=c)
+    fig.update_layout(title=title, height=260 * len(panels) + 120, width=max(900, 240 * len(steps)),
+                      template="plotly_white")
+    return fig

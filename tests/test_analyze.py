@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from grokinterp.analyze import analyze, report, select_steps
+from grokinterp.analyze import analyze, select_steps
 from grokinterp.checkpoints import load_run
 from grokinterp.cli import main
 from grokinterp.errors import AnalysisError, RunError
@@ -123,6 +123,9 @@ def test_report_and_cli(tiny_run, tmp_path, capsys):
     assert main(["analyze", str(tiny_run.path), "--metric", "all", "--out", str(out), "--no-progress"]) == 0
     for name in ("phases", "weight-norm", "fourier", "circles"):
         assert (out / tiny_run.name / f"{name}.csv").exists() and (out / tiny_run.name / f"{name}.html").exists()
+    points = pd.read_csv(out / tiny_run.name / "circles_points.csv")
+    assert points.step.min() == 0 and points.step.max() == tiny_run.steps[-1]  # snapshots from init to the end
+    assert set(points.token) == set(range(11)) and "t-SNE of W_U columns" in set(points.panel)
     assert main(["report", str(tiny_run.path), "--out", str(out)]) == 0
     page = (out / tiny_run.name / "report.html").read_text()
     assert page.count("<div") > 4 and "weight-norm" in page and "fourier" in page
@@ -139,6 +142,9 @@ def test_permutation_runs_get_their_own_metrics(tiny_perm_run, tmp_path, capsys)
     assert main(["analyze", str(tiny_perm_run.path), "--metric", "all", "--out", str(tmp_path), "--no-progress"]) == 0
     for name in ("phases", "weight-norm", "cosets", "irreps"):
         assert (tmp_path / "s4" / f"{name}.csv").exists()
+    points = pd.read_csv(tmp_path / "s4" / "cosets_points.csv")
+    assert set(points.token) == set(range(24)) and points.panel.nunique() == 2  # left and right cosets of Stab(3)
+    assert (points.groupby(["step", "panel"]).colour.nunique() == 4).all()  # 4 cosets of S3 in S4
     irreps = pd.read_csv(tmp_path / "s4" / "irreps.csv")
     fve = irreps.filter(like="embed_fve_").drop(columns=[c for c in irreps if c.startswith("unembed")])
     assert fve.sum(axis=1).round(6).eq(1).all()  # the centred embedding decomposes fully over the irreps

@@ -10,8 +10,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from grokinterp.metrics.base import Checkpoint
-from grokinterp.metrics.fourier import MAX_KEY_FREQS, circle_metrics, fourier_metrics, frequency_power, key_frequencies
-from grokinterp.metrics.sn import coset_metrics, irrep_metrics
+from grokinterp.metrics.fourier import (
+    MAX_KEY_FREQS,
+    circle_metrics,
+    circle_points,
+    fourier_metrics,
+    frequency_power,
+    key_frequencies,
+)
+from grokinterp.metrics.sn import coset_metrics, coset_points, irrep_metrics
 from grokinterp.metrics.weights import weight_norm_metrics
 
 
@@ -24,6 +31,8 @@ class Metric:
     families: tuple[str, ...] = ("mod", "perm")
     """Task families the metric applies to."""
     prepare: Callable[[Checkpoint], dict[str, Any]] | None = None
+    points: Callable[..., list[dict]] | None = None
+    """Per-token 2D points (panel, token, x, y, colour) for figures, computed at a few snapshot steps."""
 
 
 def _final_key_freqs(ckpt: Checkpoint) -> dict[str, Any]:
@@ -46,9 +55,9 @@ register(Metric("weight-norm", weight_norm_metrics, "Σ‖θ‖² in total and p
 register(Metric("fourier", fourier_metrics, "Fourier power of W_E/W_U per frequency, sparsity, neurons explained "
                 "by one frequency, restricted and excluded loss", families=("mod",), prepare=_final_key_freqs))
 register(Metric("circles", circle_metrics, "how well the embedding sits on a circle for each key frequency",
-                families=("mod",), prepare=_final_key_freqs))
+                families=("mod",), prepare=_final_key_freqs, points=circle_points))
 register(Metric("cosets", coset_metrics, "how strongly W_E/W_U rows cluster by left and right cosets of point "
                 "stabilizers, A_n and (S5) a dihedral subgroup, against random labels of the same sizes",
-                families=("perm",)))
+                families=("perm",), points=coset_points))
 register(Metric("irreps", irrep_metrics, "fraction of W_E/W_U variance in each irreducible representation, key "
                 "irreps, and the logits' similarity to tr ρ(x)ρ(y)ρ(z⁻¹)", families=("perm",)))

@@ -220,3 +220,34 @@ def circle_metrics(ckpt: Checkpoint, key_freqs: list[int] | None = None) -> dict
     row["circle_mean"] = float(np.mean(list(scores.values())))
     row["circle_max"] = float(max(scores.values()))
     return row
+
+
+def tsne_2d(X: Float[torch.Tensor, "rows d"], seed: int) -> Float[np.ndarray, "rows 2"]:
+    """A seeded 2D t-SNE of the rows (perplexity scaled to the number of rows)."""
+    from sklearn.manifold import TSNE
+
+    rows = X.shape[0]
+    tsne = TSNE(n_components=2, perplexity=float(min(30, max(2, rows // 4))), random_state=seed, init="pca")
+    return tsne.fit_transform(X.detach().cpu().double().numpy())
+
+
+@torch.no_grad()
+def circle_points(ckpt: Checkpoint, key_freqs: list[int] | None = None, max_panels: int = 4) -> list[dict]:
+    """Per-token 2D points for figures: the embedding in the principal plane where it best circles at each key
+    frequency (coloured by k·x mod p, so a circle shows a rainbow in order), and a t-SNE of the output-layer rows
+    (W_U columns) as in Power et al."""
+    p = _require_mod(ckpt)
+    E = ckpt.model.W_E[:p].detach().cpu().to(torch.float64)
+    keys = (key_freqs or key_frequencies(frequency_power(E)))[:max_panels]
+    centred = E - E.mean(dim=0, keepdim=True)
+    u, s, _ = torch.linalg.svd(centred, full_matrices=False)
+    out = []
+    for k in keys:
+        score, i, j = circle_score(E, k)
+        for x in range(p):
+            out.append({"panel": f"W_E, k={k}: PC{i + 1} vs PC{j + 1} (score {score:.2f})", "token": x,
+                        "x": float(u[x, i] * s[i]), "y": float(u[x, j] * s[j]), "colour": (k * x) % p})
+    xy = tsne_2d(ckpt.model.W_U.T, ckpt.seed)
+    out += [{"panel": "t-SNE of W_U columns", "token": x, "x": float(xy[x, 0]), "y": float(xy[x, 1]), "colour": x}
+            for x in range(p)]
+    return out

@@ -274,3 +274,21 @@ def coset_metrics(ckpt: Checkpoint, n_draws: int = N_BASELINE_DRAWS) -> dict[str
     unembed_scores = coset_scores(unembed, group, families, n_draws, ckpt.seed)
     row.update({f"unembed_coset_{k}": v for k, v in unembed_scores.items()})
     return row
+
+
+def coset_points(ckpt: Checkpoint) -> list[dict]:
+    """Per-element 2D points for figures: a t-SNE of the embedding rows, coloured by the left and by the right
+    cosets of the point stabilizer of n-1 (and, for S5, of the dihedral subgroup)."""
+    from grokinterp.metrics.fourier import tsne_2d
+
+    group = _require_perm(ckpt)
+    xy = tsne_2d(ckpt.model.W_E[: group.order], ckpt.seed)
+    subgroups = {f"Stab({group.n - 1})": group.point_stabilizer(group.n - 1)}
+    if group.n == 5:
+        subgroups["D5"] = group.generate(DIHEDRAL_GENERATORS)
+    out = []
+    for name, subgroup in subgroups.items():
+        for side, labels in (("left gH", group.left_cosets(subgroup)), ("right Hg", group.right_cosets(subgroup))):
+            out += [{"panel": f"t-SNE of W_E by {side}, H = {name}", "token": g, "x": float(xy[g, 0]),
+                     "y": float(xy[g, 1]), "colour": int(labels[g])} for g in range(group.order)]
+    return out
