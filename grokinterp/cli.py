@@ -180,6 +180,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from grokinterp.analyze import analyze, get_metric, metrics_for
     from grokinterp.train import resolve_device
 
@@ -189,6 +191,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     for name in names:
         result = analyze(run, name, steps=args.steps, out_root=args.out, device=device, seed=args.seed,
                          skip_corrupt=args.skip_corrupt, progress=not args.no_progress)
+        if name == "phases":
+            row = result.table.iloc[0].to_dict()
+            print("phases: " + ", ".join(f"{k} {'-' if pd.isna(v) else int(v)}" for k, v in row.items())
+                  + f" -> {result.csv_path}, {result.html_path}")
+            continue
         cached = len(result.table) - result.computed
         print(f"{name}: {result.computed} checkpoint(s) computed, {cached} from cache"
               + (f", {len(result.skipped)} skipped" if result.skipped else "")
