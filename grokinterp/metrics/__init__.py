@@ -18,6 +18,7 @@ from grokinterp.metrics.fourier import (
     frequency_power,
     key_frequencies,
 )
+from grokinterp.metrics.sharpness import sharpness_metrics
 from grokinterp.metrics.sn import coset_metrics, coset_points, irrep_metrics
 from grokinterp.metrics.weights import weight_norm_metrics
 
@@ -61,3 +62,6 @@ register(Metric("cosets", coset_metrics, "how strongly W_E/W_U rows cluster by l
                 families=("perm",), points=coset_points))
 register(Metric("irreps", irrep_metrics, "fraction of W_E/W_U variance in each irreducible representation, key "
                 "irreps, and the logits' similarity to tr ρ(x)ρ(y)ρ(z⁻¹)", families=("perm",)))
+register(Metric("sharpness", sharpness_metrics, "training-loss sharpness under weight perturbation: expected loss "
+                "increase at fixed σ, σ* by bisection (plain and magnitude-aware), ε-sharpness (maximized), Hessian "
+                "top eigenvalue (power iteration) and trace (Hutchinson)"))

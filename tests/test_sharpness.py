@@ -1,0 +1,267 @@
+"""Sharpness measures: closed forms on a quadratic, the full Hessian of a model small enough to form it, and purity
+(weights bit-identical, global RNG untouched, same seed ⇒ same numbers)."""
+
+import math
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from grokinterp.config import ModelConfig
+from grokinterp.metrics.base import Checkpoint
+from grokinterp.metrics.sharpness import (
+    answer_objective,
+    epsilon_sharpness,
+    hessian_top_eigenvalue,
+    hessian_trace,
+    random_perturbation_sharpness,
+    sharpness_metrics,
+    sigma_star,
+    trainable_parameters,
+)
+from grokinterp.model import answer_logits, build_model
+from grokinterp.tasks import build_task
+from grokinterp.train import answer_loss
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class Quadratic(torch.nn.Module):
+    """Outputs R w as [batch, 1, n]; with the loss ``half_square`` that is L(w) = ½ wᵀAw, A = RᵀR."""
+
+    def __init__(self, a: torch.Tensor, w0: torch.Tensor):
+        super().__init__()
+        self.w = torch.nn.Parameter(w0.clone())
+        self.register_buffer("r", torch.linalg.cholesky(a).T.contiguous())
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return (self.r @ self.w).expand(tokens.shape[0], 1, -1)
+
+
+def half_square(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return 0.5 * out[0, -1].pow(2).sum()
+
+
+EIGENVALUES = torch.tensor([4.0, 2.0, 1.0, 0.5, 0.25], dtype=torch.float64)
+ONE_ROW = (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+
+
+def spd(eigenvalues: torch.Tensor = EIGENVALUES) -> torch.Tensor:
+    """Q diag(λ) Qᵀ with a seeded random rotation Q."""
+    q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=gen(1), dtype=torch.float64))
+    return q @ torch.diag(eigenvalues) @ q.T
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The conftest tiny model (x+y mod 7), memorized by 150 full-batch AdamW steps; with its training rows."""
+    from conftest import tiny_config
+
+    cfg = tiny_config()
+    data = build_task(cfg.task.op, cfg.task.p, cfg.task.n, cfg.task.frac_train, cfg.task.data_seed)
+    model = build_model(cfg.model, data.n_symbols)
+    tokens, labels = data.tokens[data.train_idx], data.labels[data.train_idx]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=1.0)
+    for _ in range(150):
+        loss = answer_loss(answer_logits(model, tokens), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for p in model.parameters():
+        p.grad = None
+    model.eval()
+    assert (answer_logits(model, tokens).argmax(-1) == labels).all()
+    return model, tokens, labels, cfg, data
+
+
+# --- closed forms on a quadratic -------------------------------------------------------------------------------
+
+
+def test_power_iteration_is_exact_on_a_quadratic():
+    model = Quadratic(spd(), torch.ones(5, dtype=torch.float64))
+    top = hessian_top_eigenvalue(model, *ONE_ROW, iters=200, generator=gen(), tol=1e-13, loss_fn=half_square)
+    assert top == pytest.approx(4.0, rel=1e-10)
+
+
+def test_hutchinson_is_exact_for_a_diagonal_hessian_and_unbiased_otherwise():
+    diagonal = Quadratic(torch.diag(EIGENVALUES), torch.zeros(5, dtype=torch.float64))
+    assert hessian_trace(diagonal, *ONE_ROW, n_samples=3, generator=gen(), loss_fn=half_square) == pytest.approx(
+        EIGENVALUES.sum().item(), rel=1e-12)
+    a = spd()
+    estimate = hessian_trace(Quadratic(a, torch.zeros(5, dtype=torch.float64)), *ONE_ROW, n_samples=400,
+                             generator=gen(), loss_fn=half_square)
+    std_err = math.sqrt(2 * (a.square().sum() - a.diag().square().sum()).item() / 400)
+    assert abs(estimate - a.trace().item()) < 4 * std_err
+
+
+def test_random_perturbation_matches_half_sigma_squared_trace():
+    """At the minimum w = 0, E[L(u)] = ½σ² tr A for u ~ N(0, σ²I)."""
+    a = spd()
+    model = Quadratic(a, torch.zeros(5, dtype=torch.float64))
+    n, sigma = 2000, 0.1
+    effect = random_perturbation_sharpness(model, *ONE_ROW, sigma, n, gen(), loss_fn=half_square)
+    std_err = 0.5 * sigma**2 * math.sqrt(2 * a.square().sum().item() / n)  # Var zᵀAz = 2 tr A²
+    assert abs(effect.loss_increase - 0.5 * sigma**2 * a.trace().item()) < 4 * std_err
+    # magnitude-aware noise at w = 0 is the floor N(0, ε²) whatever σ is
+    small = random_perturbation_sharpness(model, *ONE_ROW, 0.01, 8, gen(), magnitude_aware=True, loss_fn=half_square)
+    large = random_perturbation_sharpness(model, *ONE_ROW, 10.0, 8, gen(), magnitude_aware=True, loss_fn=half_square)
+    assert small == large and 0 < small.loss_increase < 0.5 * 1e-6 * 100 * a.trace().item()
+
+
+def test_sigma_star_is_larger_for_a_flatter_quadratic():
+    a, rtol, target = spd(), 1e-3, 0.05
+    sharp = Quadratic(a, torch.zeros(5, dtype=torch.float64))
+    flat = Quadratic(a / 4, torch.zeros(5, dtype=torch.float64))
+    s_sharp = sigma_star(sharp, *ONE_ROW, target, generator=gen(), n_samples=512, rtol=rtol, loss_fn=half_square,
+                         vmap_chunk=512)
+    s_flat = sigma_star(flat, *ONE_ROW, target, generator=gen(), n_samples=512, rtol=rtol, loss_fn=half_square,
+                         vmap_chunk=512)
+    # the same draws z_k (common random numbers): H/4 doubles σ* exactly, up to the bisection's tolerance
+    assert s_flat / s_sharp == pytest.approx(2.0, rel=2 * rtol)
+    # and ½σ*² · mean zᵀAz = target, with mean zᵀAz ≈ tr A (relative standard error sqrt(2 tr A²/n) / tr A ≈ 4%)
+    assert s_sharp == pytest.approx(math.sqrt(2 * target / a.trace().item()), rel=0.08)
+
+
+def test_sigma_star_brackets_the_target(trained):
+    model, tokens, labels, _, _ = trained
+    rtol = 0.02
+    for kind, target in (("loss", 0.1), ("accuracy", 0.1)):
+        s = sigma_star(model, tokens, labels, target, kind, generator=gen(3), n_samples=4, rtol=rtol)
+        assert 0 < s < math.inf
+        below = random_perturbation_sharpness(model, tokens, labels, s, 4, gen(3))
+        above = random_perturbation_sharpness(model, tokens, labels, s * (1 + rtol), 4, gen(3))
+        field = "loss_increase" if kind == "loss" else "acc_drop"
+        assert getattr(below, field) < target <= getattr(above, field)
+    # accuracy cannot drop by more than it is: σ* is undefined
+    assert math.isnan(sigma_star(model, tokens, labels, 1.5, "accuracy", generator=gen(), n_samples=2))
+
+
+# --- the full Hessian of a tiny transformer ----------------------------------------------------------------------
+
+
+def test_power_iteration_and_hutchinson_agree_with_the_full_hessian():
+    model = build_model(ModelConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=8), 5).to(torch.float64)
+    data = build_task("add", 5, 5, 0.6, 0)
+    tokens, labels = data.tokens[data.train_idx], data.labels[data.train_idx]
+    theta = trainable_parameters(model)
+    names, shapes = list(theta), [w.shape for w in theta.values()]
+    fixed = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+    def loss_of(flat: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(flat, [s.numel() for s in shapes])
+        weights = {n: part.view(s) for n, part, s in zip(names, parts, shapes)}
+        return answer_loss(functional_call(model, {**fixed, **weights}, (tokens,))[:, -1], labels)
+
+    flat = torch.cat([w.reshape(-1) for w in theta.values()])
+    hessian = torch.autograd.functional.hessian(loss_of, flat)
+    eigenvalues = torch.linalg.eigvalsh(hessian)
+    dominant = eigenvalues[eigenvalues.abs().argmax()].item()
+
+    top = hessian_top_eigenvalue(model, tokens, labels, iters=2000, generator=gen(), tol=1e-12)
+    assert top == pytest.approx(dominant, rel=1e-6)
+
+    n = 200
+    trace = hessian_trace(model, tokens, labels, n_samples=n, generator=gen())
+    std_err = math.sqrt(2 * (hessian.square().sum() - hessian.diag().square().sum()).item() / n)
+    assert abs(trace - hessian.trace().item()) < 4 * std_err
+
+
+# --- ε-sharpness -------------------------------------------------------------------------------------------------
+
+
+def test_epsilon_sharpness_is_a_maximum_over_the_box(trained):
+    model, tokens, labels, _, _ = trained
+    small = epsilon_sharpness(model, tokens, labels, eps=1e-3, steps=5)
+    large = epsilon_sharpness(model, tokens, labels, eps=1e-2, steps=5)
+    assert 0 <= small < large
+    assert epsilon_sharpness(model, tokens, labels, eps=1e-3, steps=5, generator=gen()) >= 0
+
+    # the same relative rise at random corners of the same box is smaller on average
+    theta = trainable_parameters(model)
+    fixed = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    with torch.no_grad():
+        base = answer_objective(functional_call(model, fixed, (tokens,)), labels).item()
+        g, rises = gen(5), []
+        for _ in range(20):
+            corner = {n: w + 1e-3 * (w.abs() + 1) * (torch.randint(0, 2, w.shape, generator=g) * 2 - 1)
+                      for n, w in theta.items()}
+            loss = answer_objective(functional_call(model, {**fixed, **corner}, (tokens,)), labels).item()
+            rises.append(100 * (loss - base) / (1 + base))
+    assert small > sum(rises) / len(rises)
+    assert small > max(rises)
+
+
+# --- purity and determinism --------------------------------------------------------------------------------------
+
+CALLS = {
+    "random": lambda m, t, y: random_perturbation_sharpness(m, t, y, 0.05, 3, gen()),
+    "random_magnitude": lambda m, t, y: random_perturbation_sharpness(m, t, y, 0.05, 3, gen(), magnitude_aware=True),
+    "sigma_star": lambda m, t, y: sigma_star(m, t, y, 0.1, generator=gen(), n_samples=2, rtol=0.1),
+    "epsilon": lambda m, t, y: epsilon_sharpness(m, t, y, steps=3, generator=gen()),
+    "top_eig": lambda m, t, y: hessian_top_eigenvalue(m, t, y, iters=5, generator=gen()),
+    "trace": lambda m, t, y: hessian_trace(m, t, y, n_samples=2, generator=gen()),
+}
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_weights_and_global_rng_are_untouched_and_seeds_reproduce(trained, name):
+    model, tokens, labels, _, _ = trained
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    first = CALLS[name](model, tokens, labels)
+    assert torch.equal(torch.get_rng_state(), rng)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters())
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert CALLS[name](model, tokens, labels) == first
+
+
+def test_vmap_and_loop_give_the_same_numbers(trained):
+    model, tokens, labels, _, _ = trained
+    loop = random_perturbation_sharpness(model, tokens, labels, 0.05, 5, gen(), vmap_chunk=0)
+    for chunk in (2, 5):
+        batched = random_perturbation_sharpness(model, tokens, labels, 0.05, 5, gen(), vmap_chunk=chunk)
+        assert batched.loss_increase == pytest.approx(loop.loss_increase, rel=1e-4, abs=1e-9)
+        assert batched.acc_drop == pytest.approx(loop.acc_drop, abs=1e-12)
+
+
+def test_sharpness_metrics_row(trained):
+    model, tokens, labels, cfg, data = trained
+    ckpt = Checkpoint(step=150, model=model, data=data, config=cfg, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    row = sharpness_metrics(ckpt, n_samples=2, eps_steps=2, hessian_iters=3, hutchinson_samples=2)
+    assert set(row) == {"train_loss", "train_acc", "n_rows", "rand_loss_increase", "rand_acc_drop",
+                        "sigma_star_loss", "sigma_star_acc", "sigma_star_loss_magnitude", "eps_sharpness",
+                        "hessian_top_eig", "hessian_trace"}
+    assert all(isinstance(v, float) and math.isfinite(v) for v in row.values())
+    assert row["train_acc"] == 1.0 and row["n_rows"] == len(labels)
+    assert row["train_loss"] == pytest.approx(answer_loss(answer_logits(model, tokens), labels).item(), rel=1e-12)
+    assert row["eps_sharpness"] >= 0 and row["sigma_star_loss"] > 0 and row["hessian_trace"] > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    assert sharpness_metrics(ckpt, n_samples=2, eps_steps=2, hessian_iters=3, hutchinson_samples=2) == row
+    other = sharpness_metrics(Checkpoint(step=150, model=model, data=data, config=cfg, seed=1), n_samples=2,
+                              eps_steps=2, hessian_iters=3, hutchinson_samples=2)
+    assert other["rand_loss_increase"] != row["rand_loss_increase"]
+    assert other["train_loss"] == row["train_loss"] and other["eps_sharpness"] == row["eps_sharpness"]
+
+    # a subset of rows: the same one at every step (seeded by ckpt.seed alone); train_loss stays on the full split
+    sub = sharpness_metrics(ckpt, max_rows=10, n_samples=2, eps_steps=2, hessian_iters=3, hutchinson_samples=2)
+    later = sharpness_metrics(Checkpoint(step=151, model=model, data=data, config=cfg, seed=0), max_rows=10,
+                              n_samples=2, eps_steps=2, hessian_iters=3, hutchinson_samples=2)
+    assert sub["n_rows"] == 10 and sub["train_loss"] == row["train_loss"]
+    assert sub["eps_sharpness"] == later["eps_sharpness"] != row["eps_sharpness"]
+
+
+def test_gradient_based_measures_work_under_no_grad(trained):
+    model, tokens, labels, _, _ = trained
+    expected = (epsilon_sharpness(model, tokens, labels, steps=2),
+                hessian_top_eigenvalue(model, tokens, labels, iters=3, generator=gen()))
+    with torch.no_grad():
+        assert (epsilon_sharpness(model, tokens, labels, steps=2),
+                hessian_top_eigenvalue(model, tokens, labels, iters=3, generator=gen())) == expected
