@@ -100,7 +100,8 @@ def training_figure(title: str, log: pd.DataFrame, phases: Phases | None) -> go.
 
 
 def points_figure(title: str, points: pd.DataFrame, step_labels: dict[int, str]) -> go.Figure:
-    """Scatter panels of per-token 2D points: one row per panel kind, one column per snapshot step."""
+    """Scatter panels of per-token 2D points (columns panel, step, token, x, y, colour, note): one row per panel,
+    one column per snapshot step; the note shows on hover."""
     panels = list(dict.fromkeys(points["panel"]))
     steps = sorted(points["step"].unique())
     fig = make_subplots(rows=len(panels), cols=len(steps), horizontal_spacing=0.02,
@@ -109,7 +110,8 @@ def points_figure(title: str, points: pd.DataFrame, step_labels: dict[int, str])
     for r, panel in enumerate(panels, start=1):
         for c, step in enumerate(steps, start=1):
             sel = points[(points["panel"] == panel) & (points["step"] == step)]
-            fig.add_trace(go.Scatter(x=sel["x"], y=sel["y"], mode="markers", text=[f"token {t}" for t in sel["token"]],
+            text = [f"token {t}: {note}" for t, note in zip(sel["token"], sel["note"])]
+            fig.add_trace(go.Scatter(x=sel["x"], y=sel["y"], mode="markers", text=text,
                                      marker={"color": sel["colour"], "colorscale": "Phase", "size": 6},
                                      showlegend=False, hovertemplate="%{text}<extra></extra>"), row=r, col=c)
             fig.update_xaxes(showticklabels=False, row=r, col=c)

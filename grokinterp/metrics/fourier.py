@@ -245,9 +245,10 @@ def circle_points(ckpt: Checkpoint, key_freqs: list[int] | None = None, max_pane
     for k in keys:
         score, i, j = circle_score(E, k)
         for x in range(p):
-            out.append({"panel": f"W_E, k={k}: PC{i + 1} vs PC{j + 1} (score {score:.2f})", "token": x,
-                        "x": float(u[x, i] * s[i]), "y": float(u[x, j] * s[j]), "colour": (k * x) % p})
+            out.append({"panel": f"W_E circle, k={k}", "token": x, "x": float(u[x, i] * s[i]),
+                        "y": float(u[x, j] * s[j]), "colour": (k * x) % p,
+                        "note": f"PC{i + 1} vs PC{j + 1}, circle score {score:.2f}"})
     xy = tsne_2d(ckpt.model.W_U.T, ckpt.seed)
-    out += [{"panel": "t-SNE of W_U columns", "token": x, "x": float(xy[x, 0]), "y": float(xy[x, 1]), "colour": x}
-            for x in range(p)]
+    out += [{"panel": "t-SNE of W_U columns", "token": x, "x": float(xy[x, 0]), "y": float(xy[x, 1]), "colour": x,
+             "note": "coloured by token"} for x in range(p)]
     return out

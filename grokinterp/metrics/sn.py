@@ -290,5 +290,6 @@ def coset_points(ckpt: Checkpoint) -> list[dict]:
     for name, subgroup in subgroups.items():
         for side, labels in (("left gH", group.left_cosets(subgroup)), ("right Hg", group.right_cosets(subgroup))):
             out += [{"panel": f"t-SNE of W_E by {side}, H = {name}", "token": g, "x": float(xy[g, 0]),
-                     "y": float(xy[g, 1]), "colour": int(labels[g])} for g in range(group.order)]
+                     "y": float(xy[g, 1]), "colour": int(labels[g]), "note": f"coset {int(labels[g])}"}
+                    for g in range(group.order)]
     return out
