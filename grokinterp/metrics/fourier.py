@@ -74,7 +74,10 @@ def neuron_frequency_fractions(acts: Float[torch.Tensor, "p p d_mlp"]) -> Float[
     terms built from frequency k alone: {1, cos_k, sin_k}(a) × {1, cos_k, sin_k}(b) minus the constant."""
     p = acts.shape[0]
     basis, _ = fourier_basis(p)
-    coeffs = torch.einsum("ia,jb,abn->nij", basis, basis, acts.to(torch.float64))
+    acts = acts.to(torch.float64)
+    n_neurons = acts.shape[2]
+    over_a = (basis @ acts.reshape(p, -1)).reshape(p, p, n_neurons)  # [i, b, n]: transform a (two matmuls,
+    coeffs = (over_a.permute(0, 2, 1) @ basis.T).permute(1, 0, 2)  # [n, i, j]; the 3-operand einsum was 30x slower)
     power = coeffs.pow(2)
     total = power.sum(dim=(1, 2)) - power[:, 0, 0]
     out = torch.zeros(acts.shape[2], n_frequencies(p), dtype=torch.float64)
