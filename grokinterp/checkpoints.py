@@ -17,6 +17,7 @@ killed process leaves only complete checkpoints behind.
 import fcntl
 import json
 import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -103,24 +104,28 @@ class RunStore:
         path = Path(path)
         if path.exists():
             raise RunError(f"run directory {path} already exists; pick another --name, or continue it with --resume {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
         # Build the whole directory beside its final name, then rename: a run directory is complete or absent.
         tmp = path.with_name(f".{path.name}.creating{os.getpid()}")
-        tmp.mkdir()
-        (tmp / WEIGHTS_DIR).mkdir()
-        write_text_atomic(tmp / CONFIG_FILE, config.to_json())
-        tensors = {
-            "tokens": data.tokens.cpu().contiguous(),
-            "labels": data.labels.cpu().contiguous(),
-            "train_idx": data.train_idx.cpu().contiguous(),
-            "val_idx": data.val_idx.cpu().contiguous(),
-        }
-        _atomic_write(tmp / DATA_FILE, lambda f: save_file(tensors, str(f), metadata={"n_symbols": str(data.n_symbols)}))
-        (tmp / METRICS_FILE).touch()
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+            (tmp / WEIGHTS_DIR).mkdir()
+            write_text_atomic(tmp / CONFIG_FILE, config.to_json())
+            tensors = {
+                "tokens": data.tokens.cpu().contiguous(),
+                "labels": data.labels.cpu().contiguous(),
+                "train_idx": data.train_idx.cpu().contiguous(),
+                "val_idx": data.val_idx.cpu().contiguous(),
+            }
+            metadata = {"n_symbols": str(data.n_symbols)}
+            _atomic_write(tmp / DATA_FILE, lambda f: save_file(tensors, str(f), metadata=metadata))
+            (tmp / METRICS_FILE).touch()
             os.rename(tmp, path)
-        except OSError:
-            raise RunError(f"run directory {path} appeared while creating it; pick another --name") from None
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if path.exists():
+                raise RunError(f"run directory {path} appeared while creating it; pick another --name") from None
+            raise RunError(f"could not create run directory {path} ({err.strerror}); check the path and free space") from None
         return cls(path)
 
     def lock(self) -> None:

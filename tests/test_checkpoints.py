@@ -44,6 +44,14 @@ def test_create_refuses_an_existing_directory(tmp_path, tiny):
         RunStore.create(tmp_path / "run", tiny(), build_task("add", 7, 5, 0.6, 0))
 
 
+def test_create_where_it_cannot_leaves_nothing(tmp_path, tiny):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(RunError, match="could not create run directory .*a-file/run"):
+        RunStore.create(blocker / "run", tiny(), build_task("add", 7, 5, 0.6, 0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
 def test_missing_step_and_missing_run(tmp_path, tiny):
     RunStore.create(tmp_path / "run", tiny(), build_task("add", 7, 5, 0.6, 0))
     run = load_run(tmp_path / "run")
