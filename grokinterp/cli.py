@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Compute a metric at each checkpoint; write analyses/<run>/<metric>.csv "
                                          "and .html (cached per checkpoint).")
     analyze.add_argument("run", help="run directory (or name under checkpoints/)")
-    analyze.add_argument("--metric", required=True, help="a metric name, or 'all' for every metric of the task (an unknown name lists them)")
+    analyze.add_argument("--metric", required=True,
+                         help="a metric name, or 'all' for every metric of the task (an unknown name lists them)")
     analyze.add_argument("--steps", default=None,
                          help="checkpoints to analyse: all (default), or steps and START:END ranges, e.g. 0,100,1000:")
     analyze.add_argument("--out", default="analyses", help="folder for analysis outputs (default %(default)s)")
