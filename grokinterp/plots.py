@@ -18,8 +18,8 @@ def _series_groups(table: pd.DataFrame) -> tuple[list[str], dict[str, list[str]]
     families: dict[str, list[str]] = {}
     lines = []
     for col in table.columns:
-        if col == "step" or not pd.api.types.is_numeric_dtype(table[col]):
-            continue
+        if col == "step" or not pd.api.types.is_numeric_dtype(table[col]) or table[col].nunique() <= 1:
+            continue  # constant columns (e.g. the number of rows used) say nothing over time
         match = re.fullmatch(r"(.+_k)(\d+)", col)
         if match and col.startswith("embed_power"):
             families.setdefault(match.group(1), []).append(col)
