@@ -196,7 +196,7 @@ def analyze(
     title = f"{run.name}: {metric.name}" + (f"  ({_describe_params(params)})" if params else "")
     figures = [metric_figure(title, table, log_frame, phases)]
     if metric.points is not None:
-        labels = snapshot_steps(available, phases)
+        labels = snapshot_steps(sorted(cached), phases)  # only checkpoints that were read successfully
         points = pd.DataFrame([{"step": step, **p} for step in labels
                                for p in metric.points(checkpoint(step), **params)])
         write_text_atomic(out / f"{metric.name}_points.csv", points.to_csv(index=False))

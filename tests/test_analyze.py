@@ -116,6 +116,10 @@ def test_corrupt_checkpoint_is_named_or_skipped(tiny_run, tmp_path):
     result = analyze(run, "weight-norm", out_root=tmp_path / "a", progress=False, skip_corrupt=True)
     assert result.skipped == [bad] and bad not in list(result.table.step)
     assert len(result.table) == len(run.steps) - 1
+    (copy / "weights" / f"step_{run.steps[0]:07d}.safetensors").write_bytes(b"")  # the init snapshot is gone too
+    circles = analyze(run, "circles", out_root=tmp_path / "a", progress=False, skip_corrupt=True)
+    points = pd.read_csv(tmp_path / "a" / "copy" / "circles_points.csv")
+    assert len(circles.skipped) == 2 and not set(points.step) & {run.steps[0], bad}
 
 
 def test_report_and_cli(tiny_run, tmp_path, capsys):
