@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from grokinterp.checkpoints import DEFAULT_ROOT, find_runs, load_run, resolve_run_path
+from grokinterp.checkpoints import DEFAULT_ROOT, find_runs, first_step_reaching, load_run, resolve_run_path
 from grokinterp.config import DEFAULT_PRESET, PRESETS, SECTIONS, RunConfig, field_docs, get_preset
 from grokinterp.errors import GrokinterpError, RunError
 from grokinterp.tasks import OPERATIONS
@@ -127,7 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = result.run
     rows = run.store.read_metrics()
     last = rows[-1]
-    train99, val99 = run.first_step_reaching("train_acc", 0.99), run.first_step_reaching("val_acc", 0.99)
+    train99, val99 = first_step_reaching(rows, "train_acc", 0.99), first_step_reaching(rows, "val_acc", 0.99)
     print(
         f"\n{result.stop_reason.replace('_', ' ')} at step {result.step} after {result.seconds:.0f} s: "
         f"train acc {last['train_acc']:.1%}, val acc {last['val_acc']:.1%}; "
@@ -172,7 +172,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         size = f"p={t.p}" if OPERATIONS[t.op].family == "mod" else f"S{t.n}"
         steps = rows[-1]["step"] if rows else 0
         table.append((run.name, t.op, size, str(steps), str(len(run.steps)),
-                      _fmt(run.first_step_reaching("train_acc", 0.99)), _fmt(run.first_step_reaching("val_acc", 0.99)),
+                      _fmt(first_step_reaching(rows, "train_acc", 0.99)), _fmt(first_step_reaching(rows, "val_acc", 0.99)),
                       f"{rows[-1]['val_acc']:.1%}" if rows else "-"))
     widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
     for row in [header, *table]:
