@@ -20,7 +20,7 @@ __all__ = [
 def __getattr__(name: str):
     # The training loop and model builder import transformer_lens (seconds); load them on first use.
     if name == "train":
-        from grokinterp.train import train
+        from grokinterp.trainer import train
 
         return train
     if name == "build_model":

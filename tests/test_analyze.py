@@ -12,7 +12,7 @@ from grokinterp.metrics import METRICS
 from grokinterp.metrics.base import Checkpoint
 from grokinterp.metrics.phases import phases_from_log
 from grokinterp.metrics.weights import weight_norms
-from grokinterp.train import train
+from grokinterp.trainer import train
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from grokinterp.metrics.sharpness import (
 )
 from grokinterp.model import answer_logits, build_model
 from grokinterp.tasks import build_task
-from grokinterp.train import answer_loss
+from grokinterp.trainer import answer_loss
 
 
 def gen(seed: int = 0) -> torch.Generator:

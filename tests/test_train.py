@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from grokinterp.checkpoints import load_run
 from grokinterp.model import answer_logits, build_model
-from grokinterp.train import batch_indices, learning_rate, train
+from grokinterp.trainer import batch_indices, learning_rate, train
 
 
 def _weights_equal(a: dict, b: dict) -> bool:

@@ -36,7 +36,7 @@ from torch.func import functional_call, vmap
 
 from grokinterp.metrics.base import Checkpoint
 from grokinterp.model import answer_logits
-from grokinterp.train import answer_loss
+from grokinterp.trainer import answer_loss
 
 log = logging.getLogger(__name__)
 
