@@ -1,4 +1,4 @@
-"""Command line: ``grokinterp train | runs``. ``main(argv)`` returns the exit code (2 for bad input)."""
+"""Command line: ``grokinterp train | analyze | report | runs``. ``main(argv)`` returns the exit code (2 for bad input)."""
 
 import argparse
 import dataclasses
@@ -98,7 +98,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from grokinterp.train import resolve_device, train  # heavy imports (torch, transformer_lens) only when training
+    from grokinterp.trainer import resolve_device, train  # heavy imports (torch, transformer_lens) only when training
 
     overrides = _overrides(args)
     if args.resume:
@@ -184,7 +184,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from grokinterp.analyze import analyze, get_metric, metrics_for
-    from grokinterp.train import resolve_device
+    from grokinterp.trainer import resolve_device
 
     run = load_run(args.run)
     names = metrics_for(run) if args.metric == "all" else [get_metric(args.metric, run).name]
