@@ -18,12 +18,22 @@ from grokinterp.metrics.sn import irrep_fve, symmetric_group
 def frames_figure(steps: list[int], traces_at, title: str, **layout) -> go.Figure:
     """A figure whose frame i shows ``traces_at(steps[i])`` (a list of traces), with a step slider."""
     frames = [go.Frame(data=traces_at(step), name=str(step)) for step in steps]
-    fig = go.Figure(data=frames[-1].data, frames=frames)
-    slider = {"active": len(steps) - 1, "currentvalue": {"prefix": "step "},
+    fig = go.Figure(data=frames[0].data, frames=frames)
+    slider = {"active": 0, "currentvalue": {"prefix": "step "},
               "steps": [{"label": str(s), "method": "animate",
                          "args": [[str(s)], {"mode": "immediate", "frame": {"duration": 0, "redraw": True}}]}
                         for s in steps]}
     fig.update_layout(title=title, sliders=[slider], template="plotly_white", **layout)
+    for axis in ("x", "y"):  # plotly keeps the first frame's axis ranges while scrubbing: fix them to fit all
+        if f"{axis}axis_range" in layout or f"{axis}axis_type" in layout:
+            continue
+        arrays = [np.asarray(getattr(trace, axis), dtype=float) for frame in frames for trace in frame.data
+                  if isinstance(trace, go.Scatter) and getattr(trace, axis) is not None]
+        values = np.concatenate([a.ravel() for a in arrays]) if arrays else np.array([])
+        if values.size:
+            lo, hi = float(values.min()), float(values.max())
+            pad = 0.05 * (hi - lo or 1.0)
+            fig.update_layout({f"{axis}axis_range": [lo - pad, hi + pad]})
     return fig
 
 
@@ -50,8 +60,10 @@ def interactive(fig: go.Figure):
 
     def show(name: str) -> None:
         frame = fig.frames[names.index(name)]
-        static = go.Figure(data=frame.data, layout=fig.layout)
-        static.update_layout(sliders=[], title=f"{fig.layout.title.text} (step {name})")
+        layout = fig.layout.to_plotly_json()
+        layout.pop("sliders", None)  # the widget slider replaces plotly's
+        static = go.Figure(data=frame.data, layout=layout)
+        static.update_layout(title=f"{fig.layout.title.text} (step {name})")
         with output:
             output.clear_output(wait=True)
             static.show()
