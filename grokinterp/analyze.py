@@ -44,7 +44,7 @@ def get_metric(name: str, run: Run) -> Metric:
     if name not in METRICS:
         raise AnalysisError(f"unknown metric {name!r}; choose one of: {', '.join(METRICS)}, all")
     metric = METRICS[name]
-    family = OPERATIONS[run.config.task.op].family
+    family = run.config.task.family
     if family not in metric.families:
         raise AnalysisError(f"metric {name!r} applies to {'/'.join(metric.families)} tasks, but run {run.name} "
                             f"is {run.config.task.op} ({family}); choose another metric")
@@ -53,7 +53,7 @@ def get_metric(name: str, run: Run) -> Metric:
 
 def metrics_for(run: Run) -> list[str]:
     """Every registered metric that applies to the run's task."""
-    family = OPERATIONS[run.config.task.op].family
+    family = run.config.task.family
     return [name for name, m in METRICS.items() if family in m.families]
 
 

@@ -144,9 +144,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _describe(config: RunConfig) -> str:
     t, m, tr = config.task, config.model, config.train
-    size = f"p={t.p}" if OPERATIONS[t.op].family == "mod" else f"S{t.n}"
     batch = "full batch" if tr.batch_size == 0 else f"batch {tr.batch_size}"
-    return (f"{t.op} ({OPERATIONS[t.op].formula}) {size}, {t.frac_train:.0%} train; {m.n_layers} layer(s) "
+    return (f"{t.op} ({OPERATIONS[t.op].formula}) {t.size_label}, {t.frac_train:.0%} train; {m.n_layers} layer(s) "
             f"d_model {m.d_model}; {tr.optimizer} lr {tr.lr:g} wd {tr.weight_decay:g}, {batch}, {tr.steps} steps")
 
 
@@ -169,9 +168,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
             print(f"skipping {path}: {err}", file=sys.stderr)
             continue
         t = run.config.task
-        size = f"p={t.p}" if OPERATIONS[t.op].family == "mod" else f"S{t.n}"
         steps = rows[-1]["step"] if rows else 0
-        table.append((run.name, t.op, size, str(steps), str(len(run.steps)),
+        table.append((run.name, t.op, t.size_label, str(steps), str(len(run.steps)),
                       _fmt(first_step_reaching(rows, "train_acc", 0.99)), _fmt(first_step_reaching(rows, "val_acc", 0.99)),
                       f"{rows[-1]['val_acc']:.1%}" if rows else "-"))
     widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]

@@ -40,6 +40,11 @@ class TaskConfig:
     def family(self) -> str:
         return get_operation(self.op).family
 
+    @property
+    def size_label(self) -> str:
+        """'p=113' for mod-p tasks, 'S5' for permutation tasks."""
+        return f"p={self.p}" if self.family == "mod" else f"S{self.n}"
+
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -10,14 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from grokinterp.metrics.base import Checkpoint
-from grokinterp.metrics.fourier import (
-    MAX_KEY_FREQS,
-    circle_metrics,
-    circle_points,
-    fourier_metrics,
-    frequency_power,
-    key_frequencies,
-)
+from grokinterp.metrics.fourier import circle_metrics, circle_points, embedding_key_frequencies, fourier_metrics
 from grokinterp.metrics.sharpness import sharpness_metrics
 from grokinterp.metrics.sn import coset_metrics, coset_points, irrep_metrics
 from grokinterp.metrics.weights import weight_norm_metrics
@@ -37,9 +30,7 @@ class Metric:
 
 
 def _final_key_freqs(ckpt: Checkpoint) -> dict[str, Any]:
-    p = ckpt.config.task.p
-    power = frequency_power(ckpt.model.W_E[:p].detach().cpu())
-    return {"key_freqs": key_frequencies(power)[:MAX_KEY_FREQS]}
+    return {"key_freqs": embedding_key_frequencies(ckpt)}
 
 
 METRICS: dict[str, Metric] = {}

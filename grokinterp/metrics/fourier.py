@@ -129,11 +129,20 @@ def circle_score(E: Float[torch.Tensor, "p d"], k: int, n_pcs: int = 10) -> tupl
     i·PC_j(x); the score is the fraction of Σ|z_x|² captured by the best circle a·e^{±i w_k x}, i.e.
     max(|Σ z_x e^{-i w_k x}|², |Σ z_x e^{i w_k x}|²) / (p Σ|z_x|²). It is 1 exactly when the points lie on a circle
     traversed in that order, and about 2/p for points in random positions. Returns (score, i, j), PCs 0-based."""
-    p = E.shape[0]
+    return _best_circle_plane(principal_components(E, n_pcs), k)
+
+
+def principal_components(E: Float[torch.Tensor, "p d"], n_pcs: int = 10) -> Float[torch.Tensor, "p n_pcs"]:
+    """Coordinates of the centred rows on their top ``n_pcs`` principal components (fewer where the rest have no
+    variance: those directions carry only rounding noise)."""
     centred = E.to(torch.float64) - E.to(torch.float64).mean(dim=0, keepdim=True)
     u, s, _ = torch.linalg.svd(centred, full_matrices=False)
-    keep = int((s.pow(2) > 1e-9 * s.pow(2).sum()).sum())  # directions with no variance carry only rounding noise
-    pcs = u[:, : min(n_pcs, keep)] * s[: min(n_pcs, keep)]
+    keep = min(n_pcs, int((s.pow(2) > 1e-9 * s.pow(2).sum()).sum()))
+    return u[:, :keep] * s[:keep]
+
+
+def _best_circle_plane(pcs: Float[torch.Tensor, "p n_pcs"], k: int) -> tuple[float, int, int]:
+    p = pcs.shape[0]
     phase = torch.exp(-2j * math.pi * k * torch.arange(p, dtype=torch.float64) / p)
     best = (0.0, 0, 1)
     for i in range(pcs.shape[1]):
@@ -144,6 +153,12 @@ def circle_score(E: Float[torch.Tensor, "p d"], k: int, n_pcs: int = 10) -> tupl
             if float(fit) > best[0]:
                 best = (float(fit), i, j)
     return best
+
+
+def embedding_key_frequencies(ckpt: Checkpoint) -> list[int]:
+    """Key frequencies of the checkpoint's token embedding W_E (at most MAX_KEY_FREQS)."""
+    p = _require_mod(ckpt)
+    return key_frequencies(frequency_power(ckpt.model.W_E[:p].detach().cpu()))[:MAX_KEY_FREQS]
 
 
 def _require_mod(ckpt: Checkpoint) -> int:
@@ -216,9 +231,8 @@ def fourier_metrics(ckpt: Checkpoint, key_freqs: list[int] | None = None) -> dic
 def circle_metrics(ckpt: Checkpoint, key_freqs: list[int] | None = None) -> dict[str, float]:
     """Circle score of the embedding for each key frequency (default: this checkpoint's own)."""
     p = _require_mod(ckpt)
-    E = ckpt.model.W_E[:p].detach().cpu()
-    keys = key_freqs or key_frequencies(frequency_power(E))[:MAX_KEY_FREQS]
-    scores = {k: circle_score(E, k)[0] for k in keys}
+    pcs = principal_components(ckpt.model.W_E[:p].detach().cpu())
+    scores = {k: _best_circle_plane(pcs, k)[0] for k in key_freqs or embedding_key_frequencies(ckpt)}
     row = {f"circle_k{k}": s for k, s in scores.items()}
     row["circle_mean"] = float(np.mean(list(scores.values())))
     row["circle_max"] = float(max(scores.values()))
@@ -240,16 +254,13 @@ def circle_points(ckpt: Checkpoint, key_freqs: list[int] | None = None, max_pane
     frequency (coloured by k·x mod p, so a circle shows a rainbow in order), and a t-SNE of the output-layer rows
     (W_U columns) as in Power et al."""
     p = _require_mod(ckpt)
-    E = ckpt.model.W_E[:p].detach().cpu().to(torch.float64)
-    keys = (key_freqs or key_frequencies(frequency_power(E)))[:max_panels]
-    centred = E - E.mean(dim=0, keepdim=True)
-    u, s, _ = torch.linalg.svd(centred, full_matrices=False)
+    pcs = principal_components(ckpt.model.W_E[:p].detach().cpu())
     out = []
-    for k in keys:
-        score, i, j = circle_score(E, k)
+    for k in (key_freqs or embedding_key_frequencies(ckpt))[:max_panels]:
+        score, i, j = _best_circle_plane(pcs, k)
         for x in range(p):
-            out.append({"panel": f"W_E circle, k={k}", "token": x, "x": float(u[x, i] * s[i]),
-                        "y": float(u[x, j] * s[j]), "colour": (k * x) % p,
+            out.append({"panel": f"W_E circle, k={k}", "token": x, "x": float(pcs[x, i]),
+                        "y": float(pcs[x, j]), "colour": (k * x) % p,
                         "note": f"PC{i + 1} vs PC{j + 1}, circle score {score:.2f}"})
     xy = tsne_2d(ckpt.model.W_U.T, ckpt.seed)
     out += [{"panel": "t-SNE of W_U columns", "token": x, "x": float(xy[x, 0]), "y": float(xy[x, 1]), "colour": x,
