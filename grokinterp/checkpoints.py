@@ -15,6 +15,7 @@ killed process leaves only complete checkpoints behind.
 """
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -27,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from grokinterp.config import ConfigError, RunConfig
 from grokinterp.errors import RunError
@@ -47,6 +49,7 @@ def checkpoint_schedule(total_steps: int, n_regular: int, n_log: int) -> list[in
     """Steps to checkpoint: ``n_regular`` evenly spaced intervals over ``[0, total_steps]``, plus ``n_log``
     log-spaced steps over the first ten intervals (dense early, where memorization happens), always with 0 and
     ``total_steps``."""
+    n_regular, n_log = min(n_regular, total_steps), min(n_log, total_steps)  # never more than one per step
     regular = np.linspace(0, total_steps, n_regular + 1)
     early_end = min(total_steps, 10 * total_steps / n_regular)
     log = np.geomspace(1, max(early_end, 1), n_log) if n_log > 0 else np.array([])
@@ -117,8 +120,7 @@ class RunStore:
                 "train_idx": data.train_idx.cpu().contiguous(),
                 "val_idx": data.val_idx.cpu().contiguous(),
             }
-            metadata = {"n_symbols": str(data.n_symbols)}
-            _atomic_write(tmp / DATA_FILE, lambda f: save_file(tensors, str(f), metadata=metadata))
+            _write_tensors(tmp / DATA_FILE, tensors, {"n_symbols": str(data.n_symbols)})
             (tmp / METRICS_FILE).touch()
             os.rename(tmp, path)
         except OSError as err:
@@ -156,19 +158,22 @@ class RunStore:
     def read_config(self) -> RunConfig:
         file = self._require(CONFIG_FILE)
         try:
-            return RunConfig.from_json(file.read_text())
+            return RunConfig.from_json(_read_text(file))
         except ConfigError as err:
             raise RunError(f"{file}: {err}") from None
 
     def read_data(self) -> TaskData:
         file = self._require(DATA_FILE)
+        tensors, metadata = _read_tensors(file)
         try:
-            tensors = load_file(file)
-            with open(file, "rb") as f:
-                n_symbols = int(_safetensors_metadata(f)["n_symbols"])
-            return TaskData(tensors["tokens"], tensors["labels"], tensors["train_idx"], tensors["val_idx"], n_symbols)
-        except (SafetensorError, KeyError, ValueError, OSError) as err:
-            raise RunError(f"{file} is corrupt or truncated ({err}); the run's data cannot be read") from None
+            n_symbols = int(metadata["n_symbols"])
+            data = TaskData(tensors["tokens"], tensors["labels"], tensors["train_idx"], tensors["val_idx"], n_symbols)
+        except (KeyError, ValueError) as err:
+            raise RunError(f"{file} is corrupt ({type(err).__name__}: {err}); the run's data cannot be read") from None
+        problem = _data_problem(data)
+        if problem:
+            raise RunError(f"{file} is corrupt: {problem}; the run's data cannot be read")
+        return data
 
     def steps(self) -> list[int]:
         """Steps with a complete weights file, ascending."""
@@ -187,15 +192,12 @@ class RunStore:
         file = self.path / WEIGHTS_DIR / weights_name(step)
         if not file.exists():
             raise RunError(f"no checkpoint at step {step} in {self.path}; available: {_describe_steps(self.steps())}")
-        try:
-            return load_file(file)
-        except (SafetensorError, OSError) as err:
-            raise RunError(f"{file} is corrupt or truncated ({err})") from None
+        return _read_tensors(file)[0]
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every logged evaluation, in step order. A torn last line (a killed writer) is ignored."""
         file = self._require(METRICS_FILE)
-        lines = file.read_text().splitlines()
+        lines = _read_text(file).split("\n")
         rows = []
         for i, line in enumerate(lines):
             if not line.strip():
@@ -206,6 +208,9 @@ class RunStore:
                 if i == len(lines) - 1:
                     break
                 raise RunError(f"{file} line {i + 1} is not valid JSON; the metrics log is corrupt") from None
+            if not (isinstance(row, dict) and type(row.get("step")) is int
+                    and all(isinstance(v, (int, float)) for v in row.values())):
+                raise RunError(f"{file} line {i + 1} is not a row of numbers with a step; the metrics log is corrupt")
             rows.append(row)
         return rows
 
@@ -215,18 +220,22 @@ class RunStore:
             return None
         try:
             raw = torch.load(file, map_location="cpu", weights_only=True)
-            return TrainerState(int(raw["step"]), raw["optimizer"], bool(raw["finished"]), str(raw["stop_reason"]))
+            state = TrainerState(int(raw["step"]), raw["optimizer"], bool(raw["finished"]), str(raw["stop_reason"]))
+            digest = raw.get("sha256")
         except Exception as err:  # noqa: BLE001 -- any unreadable state is reported the same way
             raise RunError(f"{file} is corrupt or truncated ({type(err).__name__}); the run cannot resume") from None
+        if digest is not None and digest != _state_digest(state):  # torch.load checks no CRC: a flipped bit loads
+            raise RunError(f"{file} is corrupt: its contents do not match the checksum written with it")
+        return state
 
     # -- writing --------------------------------------------------------------------------------------------
     def write_weights(self, step: int, state_dict: dict[str, torch.Tensor]) -> None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-        _atomic_write(self.path / WEIGHTS_DIR / weights_name(step), lambda f: save_file(tensors, str(f)))
+        _write_tensors(self.path / WEIGHTS_DIR / weights_name(step), tensors)
 
     def write_trainer_state(self, state: TrainerState) -> None:
         payload = {"step": state.step, "optimizer": state.optimizer, "finished": state.finished,
-                   "stop_reason": state.stop_reason}
+                   "stop_reason": state.stop_reason, "sha256": _state_digest(state)}
         _atomic_write(self.path / TRAINER_STATE_FILE, lambda f: torch.save(payload, f))
 
     def write_config(self, config: RunConfig) -> None:
@@ -239,10 +248,83 @@ class RunStore:
         return open(self.path / METRICS_FILE, "a", buffering=1)
 
 
-def _safetensors_metadata(f) -> dict[str, str]:
-    header_len = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(header_len))
-    return header.get("__metadata__", {})
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RunError(f"{file} is corrupt: byte {err.start} is not UTF-8 text") from None
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes: safetensors has no checksum of its own, and a flipped bit in
+    a weight would otherwise load as a slightly different model."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _state_digest(state: TrainerState) -> str:
+    """SHA-256 of a trainer state: its fields, the optimizer's structure and every tensor's bytes."""
+    h = hashlib.sha256(f"{state.step}|{state.finished}|{state.stop_reason}|".encode())
+
+    def walk(obj) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, dict):
+            for key in sorted(obj, key=repr):
+                h.update(f"K{key!r}".encode())
+                walk(obj[key])
+        elif isinstance(obj, (list, tuple)):
+            h.update(f"L{len(obj)}".encode())
+            for item in obj:
+                walk(item)
+        else:
+            h.update(f"V{obj!r}".encode())
+
+    walk(state.optimizer)
+    return h.hexdigest()
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    metadata = {**(metadata or {}), "sha256": _digest(tensors)}
+    _atomic_write(path, lambda f: save_file(tensors, str(f), metadata=metadata))
+
+
+def _read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, checked against the digest written with it (when it has one)."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise RunError(f"{file} is corrupt or truncated ({_first_line(err)})") from None
+    if "sha256" in metadata and _digest(tensors) != metadata["sha256"]:
+        raise RunError(f"{file} is corrupt: its contents do not match the checksum written with it")
+    return tensors, metadata
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _data_problem(data: TaskData) -> str | None:
+    """What makes a task table unusable, or None: wrong shapes, out-of-range ids, a split that is not one."""
+    n_rows = len(data.labels)
+    if data.tokens.ndim != 2 or data.tokens.shape != (n_rows, 3) or data.n_symbols < 1:
+        return f"tokens have shape {tuple(data.tokens.shape)}, expected ({n_rows}, 3)"
+    if n_rows and (data.tokens.min() < 0 or data.tokens.max() > data.n_symbols):
+        return "a token id lies outside the vocabulary"
+    if n_rows and (data.labels.min() < 0 or data.labels.max() >= data.n_symbols):
+        return "a label lies outside the vocabulary"
+    split = torch.cat([data.train_idx, data.val_idx])
+    if len(data.train_idx) == 0 or not torch.equal(split.sort().values, torch.arange(n_rows)):
+        return "the train and validation indices do not split the table"
+    return None
 
 
 def _describe_steps(steps: list[int]) -> str:

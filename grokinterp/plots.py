@@ -51,6 +51,8 @@ def _positive_steps(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def add_training_curves(fig: go.Figure, log: pd.DataFrame, row: int) -> None:
+    if log.empty:  # a run whose metrics log is empty (or was lost) still gets its metric panels
+        return
     log = _positive_steps(log)
     for col, colour in (("train_acc", "#1f77b4"), ("val_acc", "#d62728")):
         fig.add_trace(go.Scatter(x=log["step"], y=log[col], name=col, line={"color": colour}), row=row, col=1)

@@ -86,3 +86,53 @@ def test_second_trainer_is_locked_out(tmp_path, tiny):
     finally:
         store.unlock()
     RunStore(store.path).lock()  # free again
+
+
+def _flip_last_float_byte(file, tensor) -> None:
+    """Flip one byte inside ``tensor``'s data in ``file`` (where a silent bit error would hit)."""
+    raw = bytearray(file.read_bytes())
+    at = raw.find(tensor.contiguous().numpy().tobytes())
+    assert at > 0
+    raw[at + tensor.numel() * tensor.element_size() - 1] ^= 0x01
+    file.write_bytes(bytes(raw))
+
+
+def test_a_flipped_bit_is_caught_by_the_checksums(tmp_path, tiny):
+    from grokinterp.trainer import train
+
+    run = train(tiny(steps=10, checkpoints=2, log_checkpoints=0), tmp_path / "run", device="cpu",
+                progress=False).run
+    weights_file = run.path / "weights" / "step_0000010.safetensors"
+    _flip_last_float_byte(weights_file, run.state_dict(10)["unembed.W_U"])
+    with pytest.raises(RunError, match=r"step_0000010.safetensors is corrupt: its contents do not match"):
+        run.state_dict(10)
+    state = run.trainer_state
+    _flip_last_float_byte(run.path / "trainer_state.pt", state.optimizer["state"][0]["exp_avg"])
+    with pytest.raises(RunError, match=r"trainer_state.pt is corrupt: its contents do not match"):
+        run.store.read_trainer_state()
+
+
+def test_a_data_file_with_impossible_values_is_refused(tmp_path, tiny):
+    from safetensors.torch import save_file
+
+    data = build_task("add", 7, 5, 0.6, 0)
+    store = RunStore.create(tmp_path / "run", tiny(), data)
+    labels = data.labels.clone()
+    labels[3] = 99  # a label outside the vocabulary, written without a checksum (as an older or foreign file)
+    save_file({"tokens": data.tokens, "labels": labels, "train_idx": data.train_idx, "val_idx": data.val_idx},
+              str(store.path / "data.safetensors"), metadata={"n_symbols": "7"})
+    with pytest.raises(RunError, match="data.safetensors is corrupt: a label lies outside the vocabulary"):
+        store.read_data()
+
+
+def test_damaged_text_files_are_named(tmp_path, tiny):
+    store = RunStore.create(tmp_path / "run", tiny(), build_task("add", 7, 5, 0.6, 0))
+    (store.path / "metrics.jsonl").write_text('{"step": 0}\n[1, 2]\n{"step": 10}\n')
+    with pytest.raises(RunError, match=r"metrics.jsonl line 2 is not a row of numbers with a step"):
+        store.read_metrics()
+    (store.path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 5, "val_\n{"step": 10}\n')
+    with pytest.raises(RunError, match=r"metrics.jsonl line 2 is not valid JSON"):
+        store.read_metrics()
+    (store.path / "config.json").write_bytes(b'{"task": {"op": "\xff"}}')
+    with pytest.raises(RunError, match=r"config.json is corrupt: byte 17 is not UTF-8 text"):
+        load_run(store.path)
