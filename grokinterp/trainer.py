@@ -9,6 +9,7 @@ of step t is a pure function of (model_seed, t), so a resumed run sees exactly t
 would.
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -171,9 +172,27 @@ def train(
         store = RunStore.create(run_dir, config, data)
     store.lock()
     try:
-        return _train_locked(config, store, data, dev, resume, progress, on_step)
+        with _deterministic(dev):
+            return _train_locked(config, store, data, dev, resume, progress, on_step)
     finally:
         store.unlock()
+
+
+@contextlib.contextmanager
+def _deterministic(dev: torch.device):
+    """On the CPU, use PyTorch's deterministic kernels while training, so a run resumed in a new process ends
+    bit-for-bit where an uninterrupted one does. Without them the embedding's backward (an index_put with
+    accumulate) sums in a thread-dependent order and two processes drift apart by ~1e-8 from step 1. CUDA is
+    left alone: its deterministic mode needs CUBLAS_WORKSPACE_CONFIG set before start-up."""
+    if dev.type != "cpu":
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def _check_resume_config(saved: RunConfig, asked: RunConfig, path: Path) -> None:
@@ -203,10 +222,15 @@ def _train_locked(config, store: RunStore, data: TaskData, dev, resume, progress
     train_tokens, train_labels = data.tokens[data.train_idx], data.labels[data.train_idx]
 
     step = 0
-    if resume:
-        state = store.read_trainer_state()
-        if state is None:
-            raise RunError(f"{store.path} has no trainer state to resume from; train it anew")
+    state = store.read_trainer_state() if resume else None
+    if resume and state is None:  # stopped before its first checkpoint was complete: start it over
+        log.info("%s has no complete checkpoint yet; training it from step 0", store.path)
+        store.rewrite_metrics([])
+        store.write_config(config)
+    elif resume:
+        if not any(row["step"] == state.step for row in store.read_metrics()):
+            raise RunError(f"{store.path / 'metrics.jsonl'} has no row for step {state.step}, the checkpoint to resume "
+                           "from: the metrics log was truncated or replaced; restore it, or train a new run")
         model.load_state_dict(store.read_weights(state.step))
         optimizer.load_state_dict(state.optimizer)
         step = state.step
