@@ -1,4 +1,5 @@
-"""Command line: ``grokinterp train | analyze | report | runs``. ``main(argv)`` returns the exit code (2 for bad input)."""
+"""Command line: ``grokinterp train | sweep | analyze | report | runs``. ``main(argv)`` returns the exit code (2 for
+bad input)."""
 
 import argparse
 import dataclasses
@@ -8,7 +9,7 @@ import time
 from pathlib import Path
 
 from grokinterp.checkpoints import DEFAULT_ROOT, find_runs, first_step_reaching, load_run, resolve_run_path
-from grokinterp.config import DEFAULT_PRESET, PRESETS, SECTIONS, RunConfig, field_docs, get_preset
+from grokinterp.config import DEFAULT_PRESET, MAX_SEED, PRESETS, SECTIONS, RunConfig, field_docs, get_preset
 from grokinterp.errors import GrokinterpError, RunError
 from grokinterp.tasks import OPERATIONS
 
@@ -51,6 +52,13 @@ def _typed(kind: type, flag: str):
     return convert
 
 
+def _seed(text: str) -> int:
+    seed = _typed(int, "--seed")(text)
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"--seed must lie in [0, {MAX_SEED}], got {seed}")
+    return seed
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="grokinterp", description="Train small transformers that grok and replay the transition.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -78,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="checkpoints to analyse: all (default), or steps and START:END ranges, e.g. 0,100,1000:")
     analyze.add_argument("--out", default="analyses", help="folder for analysis outputs (default %(default)s)")
     analyze.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
-    analyze.add_argument("--seed", type=int, default=0, help="seed of sampling metrics (sharpness probes)")
+    analyze.add_argument("--seed", type=_seed, default=0, help="seed of sampling metrics (sharpness probes)")
     analyze.add_argument("--skip-corrupt", action="store_true",
                          help="skip unreadable checkpoints with a warning instead of stopping")
     analyze.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -89,6 +97,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     runs = sub.add_parser("runs", help="list runs with steps trained and when they reached 99%% accuracy")
     runs.add_argument("root", nargs="?", default=str(DEFAULT_ROOT), help="folder of runs (default %(default)s)")
+
+    sweep = sub.add_parser(
+        "sweep", help="train a grid of seeds x training fractions x weight decays, many runs at once",
+        description="Train every (training fraction, weight decay, seed) combination of a config together, with "
+                    "stacked parameters; each is saved as its own run, <out>/<name>/frac0.30_wd1_seed0 and so on, "
+                    "beside a sweep.json manifest, and the data-efficiency table and figure go to "
+                    "<analyses-out>/<name>/. A seed sets both --model-seed and --data-seed. A whole sweep does not "
+                    "resume; continue any member (interrupted, or with a larger budget) on its own with "
+                    "`grokinterp train --resume <out>/<name>/<member> [--steps N]`.")
+    sweep.add_argument("--preset", default=None,
+                       help=f"starting config: {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
+    sweep.add_argument("--name", default=None, help="sweep folder name (default: <preset>_<op>_sweep_<time>)")
+    sweep.add_argument("--out", default=str(DEFAULT_ROOT),
+                       help="folder that holds the sweep folder (default %(default)s)")
+    sweep.add_argument("--seeds", required=True, help="comma-separated seeds, e.g. 0,1,2")
+    sweep.add_argument("--fracs", required=True, help="comma-separated training fractions, e.g. 0.3,0.5,0.7")
+    sweep.add_argument("--weight-decays", required=True, help="comma-separated weight decays, e.g. 0.3,1")
+    sweep.add_argument("--group-size", type=int, default=16,
+                       help="most runs trained at once; larger grids train in consecutive groups (default %(default)s)")
+    sweep.add_argument("--analyses-out", default="analyses",
+                       help="folder for the data-efficiency table and figure (default %(default)s)")
+    sweep.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    sweep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_config_flags(sweep)
     return parser
 
 
@@ -153,6 +185,69 @@ def _fmt(step) -> str:
     return "-" if step is None else str(step)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from grokinterp.sweep import (  # heavy imports only when training
+        check_stackable,
+        member_name,
+        parse_values,
+        sweep_configs,
+        train_many,
+        write_data_efficiency,
+        write_manifest,
+    )
+    from grokinterp.trainer import resolve_device
+
+    overrides = _overrides(args)
+    gridded = [k for k in ("frac_train", "weight_decay", "model_seed", "data_seed") if k in overrides]
+    if gridded:
+        raise UsageError(f"--{gridded[0].replace('_', '-')} is set by the sweep's grid; use --fracs, --weight-decays "
+                         "and --seeds")
+    seeds = parse_values(args.seeds, "--seeds", int)
+    fracs = parse_values(args.fracs, "--fracs", float)
+    weight_decays = parse_values(args.weight_decays, "--weight-decays", float)
+    preset = args.preset or DEFAULT_PRESET
+    base = get_preset(preset).replace(**overrides)
+    configs = sweep_configs(base, seeds, fracs, weight_decays)
+    check_stackable(configs)
+    if args.group_size < 1:
+        raise UsageError(f"--group-size must be at least 1, got {args.group_size}")
+    name = args.name or f"{preset}_{base.task.op}_sweep_{time.strftime('%Y%m%d-%H%M%S')}"
+    if "/" in name or name.startswith("."):
+        raise UsageError(f"--name {name!r} must be a plain folder name (no '/', not starting with '.')")
+    folder = Path(args.out) / name
+    device = resolve_device(args.device)  # refuse a bad --device before writing anything
+    if folder.exists():
+        raise UsageError(f"sweep folder {folder} already exists; pick another --name (continue one of its runs "
+                         f"with `grokinterp train --resume {folder}/MEMBER`)")
+
+    print(f"Sweep {folder} on {device}: {len(configs)} runs ({len(fracs)} training fractions x {len(weight_decays)} "
+          f"weight decays x {len(seeds)} seeds), up to {args.group_size} at once", file=sys.stderr)
+    write_manifest(folder, base, seeds, fracs, weight_decays, configs)
+    results = train_many(configs, [folder / member_name(c) for c in configs], device=str(device),
+                         progress=not args.no_progress, group_size=args.group_size)
+    interrupted = [r for r in results if r.stop_reason == "interrupted"]
+    if results:
+        table, csv_path, html_path = write_data_efficiency(
+            [r.run for r in results], Path(args.analyses_out) / name, f"{name}: steps to 99% validation accuracy")
+        header = ("frac", "wd", "seed", "val 99%", "steps")
+        rows = [(f"{r.frac_train:g}", f"{r.weight_decay:g}", str(r.seed),
+                 _fmt(None if pd.isna(r.val_99_step) else int(r.val_99_step)), str(r.steps_trained))
+                for r in table.itertuples()]
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        print()
+        for row in [header, *rows]:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print(f"\nRuns: {folder} ({len(results)} of {len(configs)})")
+        print(f"Data efficiency: {csv_path}\n                 {html_path}")
+    if interrupted or len(results) < len(configs):
+        print(f"Interrupted; continue a run with:  grokinterp train --resume {folder}/MEMBER")
+        return 130
+    print(f"Next:  grokinterp runs {folder}")
+    return 0
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     paths = find_runs(args.root)
     if not paths:
@@ -211,16 +306,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_error(message: str) -> None:
+    """One line, even when the message quotes a value with a line break or another control character in it."""
+    text = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in message)
+    print("grokinterp: error: " + text, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-        commands = {"train": cmd_train, "analyze": cmd_analyze, "report": cmd_report, "runs": cmd_runs}
+        commands = {"train": cmd_train, "analyze": cmd_analyze, "report": cmd_report, "runs": cmd_runs,
+                    "sweep": cmd_sweep}
         return commands[args.command](args)
     except (UsageError, GrokinterpError) as err:
-        print(f"grokinterp: error: {err}", file=sys.stderr)
+        _print_error(str(err))
+        return 2
+    except OSError as err:  # a path the system refuses (too long, no permission, disk full): say which, no traceback
+        where = f"{err.filename}: " if err.filename else ""
+        _print_error(f"{where}{err.strerror or err}; check the path and free space")
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C during training: checkpoints written so far are complete
         print("\ngrokinterp: interrupted; resume a run with `grokinterp train --resume RUN`", file=sys.stderr)

@@ -8,6 +8,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import math
 import textwrap
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ class TaskConfig:
         except TaskError as err:
             raise ConfigError(str(err)) from None
         object.__setattr__(self, "op", op.name)  # store the canonical name, so "x+y" and "add" are one config
+        _check_seed("data_seed", self.data_seed)
 
     @property
     def family(self) -> str:
@@ -75,6 +77,7 @@ class ModelConfig:
             raise ConfigError(f"--d-mlp must be >= 0 (0 means attention-only), got {self.d_mlp}")
         if self.act_fn not in ACT_FNS:
             raise ConfigError(f"unknown --act-fn {self.act_fn!r}; choose one of: {', '.join(ACT_FNS)}")
+        _check_seed("model_seed", self.model_seed)
         if self.normalization not in NORMALIZATIONS:
             raise ConfigError(
                 f"unknown --normalization {self.normalization!r}; choose one of: {', '.join(NORMALIZATIONS)}"
@@ -125,15 +128,36 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown --optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
-        if not self.weight_decay >= 0:
-            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0 < self.lr < math.inf:
+            raise ConfigError(f"--lr must be positive and finite, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"--weight-decay must be >= 0 and finite, got {self.weight_decay}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must lie in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.stop_val_acc <= 1:
             raise ConfigError(f"--stop-val-acc must lie in [0, 1] (0 disables it), got {self.stop_val_acc}")
+
+
+MAX_SEED = 2**32 - 1
+
+
+def _check_seed(name: str, value: int) -> None:
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"--{name.replace('_', '-')} must lie in [0, {MAX_SEED}], got {value}")
+
+
+MAX_PARAMETERS = 10**9  # 4 GB of float32 weights, 16 GB with AdamW's state: far beyond a small algorithmic task
+
+
+def parameter_count(task: TaskConfig, model: ModelConfig) -> int:
+    """Parameters of the HookedTransformer this config builds (biases included, frozen or not)."""
+    n_symbols = task.p if task.family == "mod" else math.factorial(task.n)
+    d, heads, dh, mlp = model.d_model, model.n_heads, model.d_head, model.d_mlp
+    ln = 2 * d if model.normalization == "LN" else 0  # LNPre has no weights
+    attn = 4 * heads * d * dh + 3 * heads * dh + d + ln
+    block = attn + (2 * d * mlp + mlp + d + ln if mlp else 0)
+    return (n_symbols + 1) * d + 3 * d + model.n_layers * block + ln + d * n_symbols + n_symbols
 
 
 SECTIONS = {"task": TaskConfig, "model": ModelConfig, "train": TrainConfig}
@@ -144,6 +168,12 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        n_params = parameter_count(self.task, self.model)
+        if n_params > MAX_PARAMETERS:
+            raise ConfigError(f"the model would have {n_params:,} parameters (more than {MAX_PARAMETERS:,}); "
+                              "check --d-model, --d-mlp, --n-heads, --d-head and --n-layers")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

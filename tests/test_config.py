@@ -53,6 +53,11 @@ def test_replace_routes_fields_to_sections():
         ({"train": {"optimizer": "lion"}}, "unknown --optimizer 'lion'; choose one of: adamw, adam, sgd"),
         ({"train": {"stop_val_acc": 2.0}}, "--stop-val-acc must lie in"),
         ({"model": {"normalization": "RMS"}}, "unknown --normalization"),
+        ({"train": {"lr": float("inf")}}, "--lr must be positive and finite"),
+        ({"train": {"weight_decay": float("nan")}}, "--weight-decay must be >= 0 and finite"),
+        ({"model": {"model_seed": -1}}, r"--model-seed must lie in \[0, 4294967295\]"),
+        ({"task": {"data_seed": 2**40}}, "--data-seed must lie in"),
+        ({"model": {"d_model": 100_000, "d_mlp": 100_000}}, r"the model would have 20,074,500,497 parameters \(more than 1,000,000,000\)"),
     ],
 )
 def test_bad_configs_are_refused(data, message):
@@ -75,3 +80,15 @@ def test_every_field_is_documented():
 def test_int_is_accepted_for_float_fields():
     c = RunConfig.from_dict(json.loads('{"train": {"lr": 1, "weight_decay": 0}}'))
     assert c.train.lr == 1.0 and isinstance(c.train.lr, float)
+
+
+def test_parameter_count_is_the_models():
+    from grokinterp.config import parameter_count
+    from grokinterp.model import build_model
+
+    for overrides in ({}, {"normalization": "LN", "n_layers": 2}, {"d_mlp": 0, "normalization": "LN"},
+                      {"op": "perm_mul", "n": 4, "normalization": "LNPre"}):
+        config = RunConfig().replace(**{"d_model": 32, "d_head": 8, "d_mlp": 64, "p": 11, **overrides})
+        n_symbols = 11 if config.task.family == "mod" else 24
+        model = build_model(config.model, n_symbols)
+        assert parameter_count(config.task, config.model) == sum(p.numel() for p in model.parameters())
