@@ -117,6 +117,9 @@ class TrainConfig:
     """Stop once validation accuracy has reached this value (e.g. 0.99); 0 trains for the whole budget."""
     stop_patience: int = 0
     """Steps to keep training after --stop-val-acc is reached, to watch the cleanup."""
+    fast_path: bool = True
+    """Train and evaluate 1-layer models through grokinterp.fastpath, the same function as the HookedTransformer's
+    forward computed from per-token tables (~4x less arithmetic); --no-fast-path uses the forward itself."""
 
     def __post_init__(self) -> None:
         positive = ("steps", "eval_every", "checkpoints")

@@ -34,6 +34,7 @@ from grokinterp.checkpoints import (
     weight_norm_sq,
 )
 from grokinterp.config import RunConfig, TrainConfig
+from grokinterp.fastpath import fast_answer_logits, unsupported_reason
 from grokinterp.model import answer_logits, build_model
 from grokinterp.tasks import TaskData, build_task
 
@@ -95,14 +96,25 @@ def answer_loss(logits: Float[torch.Tensor, "batch d_vocab_out"], labels: Int[to
     return F.cross_entropy(logits.to(torch.float64), labels)
 
 
+def forward_for(model, cfg: TrainConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The answer-logits function training uses: the fast path where it is on and exact for this model, else the
+    HookedTransformer's own forward."""
+    if cfg.fast_path:
+        reason = unsupported_reason(model.cfg)
+        if reason is None:
+            return fast_answer_logits
+        log.info("the fast path does not cover this model (%s); training through the HookedTransformer forward", reason)
+    return answer_logits
+
+
 @torch.no_grad()
-def evaluate(model, data: TaskData) -> dict[str, float]:
+def evaluate(model, data: TaskData, forward=answer_logits) -> dict[str, float]:
     """Loss and accuracy (float64) on the training and validation splits."""
     losses, correct = [], []
     for start in range(0, len(data.labels), EVAL_CHUNK):
         tokens = data.tokens[start : start + EVAL_CHUNK]
         labels = data.labels[start : start + EVAL_CHUNK]
-        logits = answer_logits(model, tokens).to(torch.float64)
+        logits = forward(model, tokens).to(torch.float64)
         losses.append(F.cross_entropy(logits, labels, reduction="none"))
         correct.append(logits.argmax(-1) == labels)
     loss, acc = torch.cat(losses), torch.cat(correct).double()
@@ -216,6 +228,7 @@ def _train_locked(config, store: RunStore, data: TaskData, dev, resume, progress
     cfg = config.train
     started = time.perf_counter()
     model = build_model(config.model, data.n_symbols, device=dev)
+    forward = forward_for(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
     data = data.to(dev)
@@ -228,9 +241,12 @@ def _train_locked(config, store: RunStore, data: TaskData, dev, resume, progress
         store.rewrite_metrics([])
         store.write_config(config)
     elif resume:
-        if not any(row["step"] == state.step for row in store.read_metrics()):
-            raise RunError(f"{store.path / 'metrics.jsonl'} has no row for step {state.step}, the checkpoint to resume "
-                           "from: the metrics log was truncated or replaced; restore it, or train a new run")
+        logged = {row["step"] for row in store.read_metrics()}
+        expected = state.step - state.step % cfg.eval_every
+        if expected not in logged:  # every evaluation up to the checkpoint is in the log of an intact run
+            raise RunError(f"{store.path / 'metrics.jsonl'} has no row for step {expected}, before the checkpoint to "
+                           f"resume from (step {state.step}): the log was truncated or replaced; restore it, or "
+                           "train a new run")
         model.load_state_dict(store.read_weights(state.step))
         optimizer.load_state_dict(state.optimizer)
         step = state.step
@@ -245,7 +261,7 @@ def _train_locked(config, store: RunStore, data: TaskData, dev, resume, progress
 
     def log_row(step: int) -> dict[str, float | int]:
         model.eval()
-        row = {"step": step, **evaluate(model, data), "weight_norm_sq": weight_norm_sq(model.parameters()),
+        row = {"step": step, **evaluate(model, data, forward), "weight_norm_sq": weight_norm_sq(model.parameters()),
                "lr": learning_rate(cfg, max(step, 1)), "time_s": round(time.perf_counter() - started, 3)}
         model.train()
         metrics_file.write(json.dumps(row) + "\n")
@@ -285,7 +301,7 @@ def _train_locked(config, store: RunStore, data: TaskData, dev, resume, progress
             else:
                 picked = picked.to(dev)
                 tokens, labels = train_tokens[picked], train_labels[picked]
-            loss = answer_loss(answer_logits(model, tokens), labels)
+            loss = answer_loss(forward(model, tokens), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
