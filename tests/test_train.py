@@ -164,3 +164,29 @@ def test_fast_path_trains_the_same_weights_as_the_plain_forward(tmp_path, tiny, 
     assert (fast.metrics.train_acc.values == plain.metrics.train_acc.values).all()
     two_layers = train(tiny(steps=5, n_layers=2), tmp_path / "deep", device="cpu", progress=False)
     assert len(used) == n_fast and two_layers.step == 5  # falls back to the HookedTransformer forward
+
+
+def test_fast_path_training_is_the_same_maths_in_float64(tiny):
+    """In float32 any two summation orders part ways once a rounding flips a ReLU at zero (the plain forward does
+    against itself with its rows reordered); in float64 the fast path must track the plain forward for 100 steps."""
+    import contextlib
+    import io
+
+    from grokinterp.fastpath import fast_answer_logits
+    from grokinterp.tasks import build_task
+
+    config = tiny()
+    data = build_task("add", 7, 5, 0.6, 0)
+    tokens, labels = data.tokens[data.train_idx], data.labels[data.train_idx]
+    with contextlib.redirect_stdout(io.StringIO()):
+        models = [build_model(config.model, 7).double() for _ in range(2)]
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, weight_decay=1.0)
+                  for m in models]
+    for _ in range(100):
+        for model, optimizer, forward in zip(models, optimizers, (answer_logits, fast_answer_logits)):
+            loss = F.cross_entropy(forward(model, tokens), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    gap = max(float((p - q).detach().abs().max()) for p, q in zip(*(m.parameters() for m in models)))
+    assert gap < 1e-10, gap

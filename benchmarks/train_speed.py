@@ -1,0 +1,232 @@
+"""Training speed, side by side in one process: the reference loop against grokinterp, one run and many at once.
+
+    python benchmarks/train_speed.py                 # everything, ~5 min on 2 cores
+    python benchmarks/train_speed.py --only single   # just the single-run comparison
+
+What it measures on the ``nanda2023`` configuration (x+y mod 113, 30% data, full batch):
+
+* reference: the loop from the TransformerLens grokking demo: ``HookedTransformer`` forward on the full batch,
+  float64 cross-entropy on the last position, AdamW with a 10-step warm-up; nothing else (no evaluation, no saving).
+* grokinterp: ``grokinterp.train`` itself on the same config, evaluation every 20 steps and the real checkpoint
+  schedule included, timed between steps with its ``on_step`` hook.
+* parity: weights after 100 steps of the fast path against the plain forward (``--no-fast-path``).
+* stacked: ``grokinterp.sweep.train_many`` with K = 1, 4, 16 members, in models·steps/s, against one run after
+  another with the ordinary trainer.
+* sharpness: seconds to analyse every checkpoint of a short run for sharpness.
+
+Each row also gives the peak resident memory of its phase. Ratios compare numbers taken minutes apart in one
+process, so they are fair to each other; the absolute numbers move with whatever else the machine runs.
+"""
+
+import argparse
+import contextlib
+import io
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
+
+from grokinterp.config import get_preset  # noqa: E402
+from grokinterp.model import answer_logits, build_model  # noqa: E402
+from grokinterp.tasks import build_task  # noqa: E402
+from grokinterp.trainer import answer_loss, learning_rate, resolve_device, train  # noqa: E402
+
+
+class Stop(Exception):
+    pass
+
+
+def reset_peak_memory(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    try:  # Linux: restart the process's high-water mark of resident memory
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(dev: torch.device) -> float:
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the whole process's peak elsewhere
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def reference_loop(config, dev: torch.device, steps: int, warmup: int) -> float:
+    """Steps/s of the demo loop: full-batch HookedTransformer forward, float64 loss, AdamW with warm-up."""
+    t = config.task
+    data = build_task(t.op, t.p, t.n, t.frac_train, t.data_seed).to(dev)
+    model = build_model(config.model, data.n_symbols, device=dev)
+    cfg = config.train
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+    tokens, labels = data.tokens[data.train_idx], data.labels[data.train_idx]
+    for step in range(1, warmup + steps + 1):
+        if step == warmup + 1:
+            sync(dev)
+            start = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        loss = answer_loss(answer_logits(model, tokens), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    sync(dev)
+    return steps / (time.perf_counter() - start)
+
+
+def trainer_speed(config, dev: torch.device, steps: int, warmup: int, folder: Path) -> float:
+    """Steps/s of grokinterp.train on the config's real budget and schedule, stopped after warmup + steps."""
+    marks = {}
+
+    def on_step(step: int) -> None:
+        if step in (warmup, warmup + steps):
+            sync(dev)
+            marks[step] = time.perf_counter()
+        if step == warmup + steps:
+            raise Stop
+
+    try:
+        train(config, folder / f"run{len(list(folder.iterdir()))}", device=str(dev), progress=False, on_step=on_step)
+    except Stop:
+        pass
+    return steps / (marks[warmup + steps] - marks[warmup])
+
+
+def parity(config, dev: torch.device, steps: int, dtype: torch.dtype) -> tuple[float, float]:
+    """Largest |Δw| after ``steps`` AdamW steps from one initialization: (fast path vs plain forward, plain forward
+    vs itself with the training rows in another order). The second is the yardstick: in float32 the two plain runs
+    part ways too, as soon as one rounding difference flips a ReLU near zero; in float64 both stay ~1e-13."""
+    from grokinterp.fastpath import fast_answer_logits
+
+    t, cfg = config.task, config.train
+    data = build_task(t.op, t.p, t.n, t.frac_train, t.data_seed).to(dev)
+    tokens, labels = data.tokens[data.train_idx], data.labels[data.train_idx]
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0)).to(dev)
+    runs = [(answer_logits, tokens, labels), (fast_answer_logits, tokens, labels),
+            (answer_logits, tokens[order], labels[order])]
+    with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens announces the dtype change
+        models = [build_model(config.model, data.n_symbols, device=dev).to(dtype) for _ in runs]
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.lr,
+                                    weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2)) for m in models]
+    for step in range(1, steps + 1):
+        for model, optimizer, (forward, x, y) in zip(models, optimizers, runs):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step)
+            loss = answer_loss(forward(model, x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    def gap(a, b) -> float:
+        return max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters()))
+
+    return gap(models[0], models[1]), gap(models[0], models[2])
+
+
+def stacked_speed(config, dev: torch.device, k: int, steps: int, warmup: int, folder: Path) -> float:
+    """Models·steps/s of k members trained together by grokinterp.sweep.train_many."""
+    from grokinterp.sweep import train_many
+
+    configs = [config.replace(model_seed=s, data_seed=s) for s in range(k)]
+    marks = {}
+
+    def on_step(step: int) -> None:
+        if step in (warmup, warmup + steps):
+            sync(dev)
+            marks[step] = time.perf_counter()
+        if step == warmup + steps:
+            raise Stop
+
+    dirs = [folder / f"stack{k}_{i}" for i in range(k)]
+    try:
+        train_many(configs, dirs, device=str(dev), progress=False, group_size=k, on_step=on_step)
+    except Stop:
+        pass
+    return k * steps / (marks[warmup + steps] - marks[warmup])
+
+
+def sharpness_seconds(dev: torch.device, folder: Path) -> tuple[float, int]:
+    from grokinterp.analyze import analyze
+    from grokinterp.checkpoints import load_run
+
+    config = get_preset("quick").replace(steps=300, checkpoints=10, log_checkpoints=6, stop_val_acc=0.0)
+    run = train(config, folder / "sharp", device=str(dev), progress=False).run
+    start = time.perf_counter()
+    analyze(load_run(run.path), "sharpness", out_root=folder / "analyses", device=str(dev), progress=False)
+    return time.perf_counter() - start, len(run.steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=100, help="timed steps per single-run measurement")
+    parser.add_argument("--stack-steps", type=int, default=20, help="timed steps per stacked measurement")
+    parser.add_argument("--ks", default="1,4,16", help="stack sizes to time")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--only", choices=["single", "stacked", "sharpness"], default=None)
+    args = parser.parse_args()
+    dev = resolve_device(args.device)
+    config = get_preset("nanda2023")
+    print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, device {dev}", flush=True)
+    print(f"# nanda2023: x+y mod 113, {config.task.frac_train:.0%} data, full batch", flush=True)
+    rows = []
+
+    def row(name: str, value: str, ratio: str = "", memory: float | None = None) -> None:
+        rows.append((name, value, ratio, "" if memory is None else f"{memory:.0f}"))
+        print(f"{name:<48} {value:>9} {ratio:>11} {rows[-1][3]:>8}", flush=True)
+
+    print(f"{'measurement':<48} {'value':>9} {'ratio':>11} {'peak MB':>8}")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        if args.only in (None, "single", "stacked"):
+            reset_peak_memory(dev)
+            ref = reference_loop(config, dev, args.steps, warmup=5)
+            row("reference loop (demo), steps/s", f"{ref:.2f}", "1.00x", peak_memory_mb(dev))
+        if args.only in (None, "single"):
+            reset_peak_memory(dev)
+            plain = trainer_speed(config.replace(fast_path=False), dev, args.steps, 20, folder)
+            row("grokinterp train --no-fast-path, steps/s", f"{plain:.2f}", f"{plain / ref:.2f}x", peak_memory_mb(dev))
+            reset_peak_memory(dev)
+            fast = trainer_speed(config, dev, args.steps, 20, folder)
+            row("grokinterp train (fast path), steps/s", f"{fast:.2f}", f"{fast / ref:.2f}x", peak_memory_mb(dev))
+            for dtype in (torch.float32, torch.float64):
+                fast_gap, order_gap = parity(config, dev, 100, dtype)
+                name = str(dtype).removeprefix("torch.")
+                row(f"{name}, 100 steps: max |Δw| fast vs plain", f"{fast_gap:.1e}", "")
+                row(f"{name}, 100 steps: |Δw| plain vs rows reordered", f"{order_gap:.1e}", "")
+        if args.only in (None, "stacked"):
+            single = trainer_speed(config, dev, args.stack_steps, 20, folder)
+            row("one run after another, models·steps/s", f"{single:.2f}", "1.00x")
+            for k in [int(x) for x in args.ks.split(",")]:
+                reset_peak_memory(dev)
+                speed = stacked_speed(config, dev, k, args.stack_steps, 3, folder)
+                row(f"sweep, {k} at once, models·steps/s", f"{speed:.2f}", f"{speed / single:.2f}x", peak_memory_mb(dev))
+        if args.only in (None, "sharpness"):
+            reset_peak_memory(dev)
+            seconds, n = sharpness_seconds(dev, folder)
+            row(f"sharpness analysis, {n} checkpoints, s", f"{seconds:.1f}", f"{seconds / n:.1f} s/ckpt",
+                peak_memory_mb(dev))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
