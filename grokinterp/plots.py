@@ -1,6 +1,8 @@
 """Plotly figures built from tables (metrics log, analysis tables), never from models."""
 
+import math
 import re
+from collections.abc import Sequence
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -120,4 +122,60 @@ def points_figure(title: str, points: pd.DataFrame, step_labels: dict[int, str])
             fig.update_yaxes(showticklabels=False, row=r, col=c)
     fig.update_layout(title=title, height=260 * len(panels) + 120, width=max(900, 240 * len(steps)),
                       template="plotly_white")
+    return fig
+
+
+SEED_SYMBOLS = ("circle", "square", "diamond", "triangle-up", "triangle-down", "star", "hexagon", "pentagon")
+WEIGHT_DECAY_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def censored_median(steps: Sequence[int | None]) -> float | None:
+    """Median of steps-to-threshold where None means 'not reached within the budget' (larger than any reached
+    value): defined only while fewer than half the runs are missing, else None."""
+    values = sorted(math.inf if s is None else float(s) for s in steps)
+    if not values:
+        return None
+    mid = len(values) // 2
+    median = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+    return None if math.isinf(median) else median
+
+
+def data_efficiency_figure(title: str, table: pd.DataFrame) -> go.Figure:
+    """Steps to 99% validation accuracy against the training fraction (Power et al. 2022, Fig. 1 right), from
+    ``sweep.data_efficiency``'s table: a colour per weight decay, a marker per seed, a line through the median of
+    the seeds, and runs that never got there as open markers at their budget (a lower bound, not a value)."""
+    fig = go.Figure()
+    seeds = sorted(table["seed"].unique())
+    symbol = {s: SEED_SYMBOLS[i % len(SEED_SYMBOLS)] for i, s in enumerate(seeds)}
+    for i, wd in enumerate(sorted(table["weight_decay"].unique())):
+        colour = WEIGHT_DECAY_COLOURS[i % len(WEIGHT_DECAY_COLOURS)]
+        runs = table[table["weight_decay"] == wd]
+        fracs = sorted(runs["frac_train"].unique())
+        steps_at = [[None if pd.isna(s) else int(s) for s in runs[runs["frac_train"] == f]["val_99_step"]]
+                    for f in fracs]
+        medians = [censored_median(steps) for steps in steps_at]
+        fig.add_trace(go.Scatter(x=fracs, y=medians, mode="lines", line={"color": colour}, legendgroup=f"wd{wd}",
+                                 name=f"weight decay {wd:g} (median)", connectgaps=False))
+        for seed in seeds:
+            mine = runs[runs["seed"] == seed]
+            reached, missed = mine[mine["val_99_step"].notna()], mine[mine["val_99_step"].isna()]
+            for part, y, open_ in ((reached, "val_99_step", False), (missed, "steps_trained", True)):
+                if len(part) == 0:
+                    continue
+                note = "not reached by step" if open_ else "val acc 99% at step"
+                fig.add_trace(go.Scatter(
+                    x=part["frac_train"], y=part[y].astype(float), mode="markers", legendgroup=f"wd{wd}",
+                    showlegend=False, text=[f"{r}: {note} {s}" for r, s in zip(part["run"], part[y])],
+                    hovertemplate="%{text}<extra></extra>",
+                    marker={"color": colour, "size": 9, "symbol": symbol[seed] + ("-open" if open_ else ""),
+                            "line": {"width": 1.5, "color": colour}}))
+    for seed in seeds:  # legend-only entries: which marker is which seed
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"seed {seed}",
+                                 marker={"color": "grey", "size": 9, "symbol": symbol[seed]}))
+    if table["val_99_step"].isna().any():
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="not reached (drawn at its budget)",
+                                 marker={"color": "grey", "size": 9, "symbol": "circle-open"}))
+    fig.update_xaxes(title_text="training fraction", tickformat=".0%")
+    fig.update_yaxes(title_text="steps to 99% validation accuracy", type="log")
+    fig.update_layout(title=title, height=520, template="plotly_white")
     return fig
