@@ -94,6 +94,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_for_bit(tmp_path, tiny):
         kills += 1
         if run_dir.exists():
             assert_only_complete_files(run_dir)
+        state = RunStore(run_dir).read_trainer_state() if run_dir.exists() else None
+        print(f"kill {kills}: last complete checkpoint at step {state.step if state else None}")
     assert kills >= 1
     proc = start_training(run_dir, config)
     _, err = proc.communicate(timeout=600)
