@@ -221,3 +221,40 @@ def test_a_damaged_run_file_is_named_in_one_line(tiny_run, tmp_path_factory, cap
         load_run(run_dir)
     except GrokinterpError as err:
         assert file.name in str(err)
+
+
+grid_values = st.one_of(values, st.lists(st.one_of(st.integers(-2, 5).map(str), st.floats(-0.5, 1.5).map(repr),
+                                                   values), min_size=1, max_size=3).map(",".join))
+sweep_pairs = st.lists(st.tuples(st.sampled_from(["--seeds", "--fracs", "--weight-decays", "--group-size",
+                                                  "--frac-train", "--model-seed", "--steps", "--p", "--op",
+                                                  "--lr", "--name", "--device", "--bogus"]), grid_values),
+                       max_size=6).map(lambda pairs: [t for pair in pairs for t in pair])
+
+
+@FUZZ
+@given(pairs=sweep_pairs, preset=st.sampled_from([None, *PRESETS]))
+def test_sweep_flags_are_accepted_or_refused_in_one_line(monkeypatch, capsys, pairs, preset):
+    import grokinterp.sweep
+
+    def stand_in(configs, run_dirs, **kwargs):
+        assert configs and len(configs) == len(run_dirs) == len(set(run_dirs))
+        grokinterp.sweep.check_stackable(configs)
+        raise _Accepted
+
+    monkeypatch.setattr(grokinterp.sweep, "train_many", stand_in)
+    argv = ["sweep", "--seeds", "0", "--fracs", "0.5", "--weight-decays", "1", *(["--preset", preset] if preset else []),
+            *pairs, "--no-progress"]
+    capsys.readouterr()
+    with tempfile.TemporaryDirectory() as tmp:
+        cwd = os.getcwd()
+        os.chdir(tmp)
+        try:
+            code = main(argv)
+        except _Accepted:
+            return
+        finally:
+            os.chdir(cwd)
+    if code == 2:
+        _one_error_line(capsys)
+    else:
+        assert code == 0 and any(a.startswith("--h") for a in argv), (code, argv)
