@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--fracs", required=True, help="comma-separated training fractions, e.g. 0.3,0.5,0.7")
     sweep.add_argument("--weight-decays", required=True, help="comma-separated weight decays, e.g. 0.3,1")
     sweep.add_argument("--group-size", type=int, default=16,
-                       help="most runs trained at once; larger grids train in consecutive groups (default %(default)s)")
+                       help="most runs trained at once; larger grids train in consecutive groups; 1 trains one "
+                            "ordinary run after another, the faster choice on a CPU for nanda2023-sized models "
+                            "(default %(default)s)")
     sweep.add_argument("--analyses-out", default="analyses",
                        help="folder for the data-efficiency table and figure (default %(default)s)")
     sweep.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")

@@ -284,3 +284,12 @@ def test_sweep_needs_its_grid_and_a_new_folder(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "sweep folder" in err[0] and "already exists; pick another --name" in err[0]
     assert not any((tmp_path / "taken").iterdir())
+
+
+def test_group_size_one_trains_ordinary_runs_one_after_another(tmp_path, tiny):
+    configs = _three(tiny)
+    results = train_many(configs, [tmp_path / f"m{i}" for i in range(3)], device="cpu", progress=False, group_size=1)
+    alone = train(configs[1], tmp_path / "alone", device="cpu", progress=False)
+    assert [r.run.config for r in results] == configs
+    a, b = results[1].run.state_dict(), alone.run.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)  # the ordinary trainer itself: bit for bit
