@@ -43,6 +43,28 @@ class Stop(Exception):
     pass
 
 
+class StepTimer:
+    """An ``on_step`` hook: times steps warmup+1 .. warmup+steps, then stops the training by raising Stop."""
+
+    def __init__(self, dev: torch.device, warmup: int, steps: int):
+        self.dev, self.first, self.last, self.marks = dev, warmup, warmup + steps, {}
+
+    def __call__(self, step: int) -> None:
+        if step in (self.first, self.last):
+            sync(self.dev)
+            self.marks[step] = time.perf_counter()
+        if step == self.last:
+            raise Stop
+
+    def rate(self, train_fn, *args, **kwargs) -> float:
+        """Steps/s of ``train_fn(*args, on_step=self, **kwargs)`` over the timed steps."""
+        try:
+            train_fn(*args, on_step=self, **kwargs)
+        except Stop:
+            pass
+        return (self.last - self.first) / (self.marks[self.last] - self.marks[self.first])
+
+
 def reset_peak_memory(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -71,6 +93,16 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+def demo_step(model, optimizer, forward, tokens, labels, lr: float) -> None:
+    """One step of the demo's loop: full batch, float64 cross-entropy at the answer, AdamW."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = answer_loss(forward(model, tokens), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def reference_loop(config, dev: torch.device, steps: int, warmup: int) -> float:
     """Steps/s of the demo loop: full-batch HookedTransformer forward, float64 loss, AdamW with warm-up."""
     t = config.task
@@ -84,32 +116,15 @@ def reference_loop(config, dev: torch.device, steps: int, warmup: int) -> float:
         if step == warmup + 1:
             sync(dev)
             start = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        loss = answer_loss(answer_logits(model, tokens), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        demo_step(model, optimizer, answer_logits, tokens, labels, learning_rate(cfg, step))
     sync(dev)
     return steps / (time.perf_counter() - start)
 
 
 def trainer_speed(config, dev: torch.device, steps: int, warmup: int, folder: Path) -> float:
     """Steps/s of grokinterp.train on the config's real budget and schedule, stopped after warmup + steps."""
-    marks = {}
-
-    def on_step(step: int) -> None:
-        if step in (warmup, warmup + steps):
-            sync(dev)
-            marks[step] = time.perf_counter()
-        if step == warmup + steps:
-            raise Stop
-
-    try:
-        train(config, folder / f"run{len(list(folder.iterdir()))}", device=str(dev), progress=False, on_step=on_step)
-    except Stop:
-        pass
-    return steps / (marks[warmup + steps] - marks[warmup])
+    return StepTimer(dev, warmup, steps).rate(train, config, folder / f"run{len(list(folder.iterdir()))}",
+                                               device=str(dev), progress=False)
 
 
 def parity(config, dev: torch.device, steps: int, dtype: torch.dtype) -> tuple[float, float]:
@@ -130,12 +145,7 @@ def parity(config, dev: torch.device, steps: int, dtype: torch.dtype) -> tuple[f
                                     weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2)) for m in models]
     for step in range(1, steps + 1):
         for model, optimizer, (forward, x, y) in zip(models, optimizers, runs):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step)
-            loss = answer_loss(forward(model, x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            demo_step(model, optimizer, forward, x, y, learning_rate(cfg, step))
 
     def gap(a, b) -> float:
         return max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters()))
@@ -148,21 +158,9 @@ def stacked_speed(config, dev: torch.device, k: int, steps: int, warmup: int, fo
     from grokinterp.sweep import train_many
 
     configs = [config.replace(model_seed=s, data_seed=s) for s in range(k)]
-    marks = {}
-
-    def on_step(step: int) -> None:
-        if step in (warmup, warmup + steps):
-            sync(dev)
-            marks[step] = time.perf_counter()
-        if step == warmup + steps:
-            raise Stop
-
     dirs = [folder / f"stack{k}_{i}" for i in range(k)]
-    try:
-        train_many(configs, dirs, device=str(dev), progress=False, group_size=k, on_step=on_step)
-    except Stop:
-        pass
-    return k * steps / (marks[warmup + steps] - marks[warmup])
+    return k * StepTimer(dev, warmup, steps).rate(train_many, configs, dirs, device=str(dev), progress=False,
+                                                  group_size=k)
 
 
 def sharpness_seconds(dev: torch.device, folder: Path) -> tuple[float, int]:
