@@ -318,6 +318,8 @@ def _data_problem(data: TaskData) -> str | None:
         return f"tokens have shape {tuple(data.tokens.shape)}, expected ({n_rows}, 3)"
     if n_rows and (data.tokens.min() < 0 or data.tokens.max() > data.n_symbols):
         return "a token id lies outside the vocabulary"
+    if n_rows and not bool((data.tokens[:, 2] == data.n_symbols).all()):
+        return "a row does not end in the '=' token"
     if n_rows and (data.labels.min() < 0 or data.labels.max() >= data.n_symbols):
         return "a label lies outside the vocabulary"
     split = torch.cat([data.train_idx, data.val_idx])
