@@ -43,7 +43,7 @@ from grokinterp.checkpoints import (
 )
 from grokinterp.config import ConfigError, RunConfig, TrainConfig
 from grokinterp.errors import RunError
-from grokinterp.fastpath import answer_logits_from_params, unsupported_reason
+from grokinterp.fastpath import answer_logits_from_params
 from grokinterp.model import build_model
 from grokinterp.tasks import TaskData, build_task
 from grokinterp.trainer import (
@@ -57,6 +57,7 @@ from grokinterp.trainer import (
     make_optimizer,
     resolve_device,
     train,
+    uses_fast_path,
 )
 
 log = logging.getLogger(__name__)
@@ -255,7 +256,7 @@ def _answer_logits_fn(model, cfg: TrainConfig) -> Callable[[dict[str, torch.Tens
     """(params, tokens [batch, 3]) -> answer logits [batch, d_vocab_out] of one model, pure in ``params`` so that
     ``vmap`` can map it over stacked parameters: the fast path where the config asks for it and it covers the
     model (as ``trainer.forward_for`` decides for one model), else the model's own forward."""
-    if cfg.fast_path and unsupported_reason(model.cfg) is None:
+    if uses_fast_path(model, cfg):
         hooked_cfg = model.cfg
         return lambda params, tokens: answer_logits_from_params(params, tokens, hooked_cfg)
     return lambda params, tokens: functional_call(model, params, (tokens,))[:, -1]

@@ -96,15 +96,19 @@ def answer_loss(logits: Float[torch.Tensor, "batch d_vocab_out"], labels: Int[to
     return F.cross_entropy(logits.to(torch.float64), labels)
 
 
-def forward_for(model, cfg: TrainConfig) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The answer-logits function training uses: the fast path where it is on and exact for this model, else the
-    HookedTransformer's own forward."""
-    if cfg.fast_path:
-        reason = unsupported_reason(model.cfg)
-        if reason is None:
-            return fast_answer_logits
+def uses_fast_path(model, cfg: TrainConfig) -> bool:
+    """Whether training runs through grokinterp.fastpath: asked for by the config and exact for this model."""
+    if not cfg.fast_path:
+        return False
+    reason = unsupported_reason(model.cfg)
+    if reason is not None:
         log.info("the fast path does not cover this model (%s); training through the HookedTransformer forward", reason)
-    return answer_logits
+    return reason is None
+
+
+def forward_for(model, cfg: TrainConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The answer-logits function training uses: the fast path where it applies, else the model's own forward."""
+    return fast_answer_logits if uses_fast_path(model, cfg) else answer_logits
 
 
 @torch.no_grad()
