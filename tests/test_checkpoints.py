@@ -123,6 +123,12 @@ def test_a_data_file_with_impossible_values_is_refused(tmp_path, tiny):
               str(store.path / "data.safetensors"), metadata={"n_symbols": "7"})
     with pytest.raises(RunError, match="data.safetensors is corrupt: a label lies outside the vocabulary"):
         store.read_data()
+    tokens = data.tokens.clone()
+    tokens[5, 2] = 0
+    save_file({"tokens": tokens, "labels": data.labels, "train_idx": data.train_idx, "val_idx": data.val_idx},
+              str(store.path / "data.safetensors"), metadata={"n_symbols": "7"})
+    with pytest.raises(RunError, match="data.safetensors is corrupt: a row does not end in the '=' token"):
+        store.read_data()
 
 
 def test_damaged_text_files_are_named(tmp_path, tiny):
