@@ -259,10 +259,16 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     a weight would otherwise load as a slightly different model."""
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(f"{name}|".encode())
+        _hash_tensor(h, tensors[name])
     return h.hexdigest()
+
+
+def _hash_tensor(h, tensor: torch.Tensor) -> None:
+    """Feed a tensor's dtype, shape and raw bytes to the hash ``h``."""
+    t = tensor.detach().cpu().contiguous()
+    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def _state_digest(state: TrainerState) -> str:
@@ -271,9 +277,8 @@ def _state_digest(state: TrainerState) -> str:
 
     def walk(obj) -> None:
         if isinstance(obj, torch.Tensor):
-            t = obj.detach().cpu().contiguous()
-            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(b"T")
+            _hash_tensor(h, obj)
         elif isinstance(obj, dict):
             for key in sorted(obj, key=repr):
                 h.update(f"K{key!r}".encode())
