@@ -147,9 +147,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         preset = args.preset or DEFAULT_PRESET
         config = get_preset(preset).replace(**overrides)
-        name = args.name or f"{preset}_{config.task.op}_{time.strftime('%Y%m%d-%H%M%S')}"
-        if "/" in name or name.startswith("."):
-            raise UsageError(f"--name {name!r} must be a plain folder name (no '/', not starting with '.')")
+        name = _plain_name(args.name or f"{preset}_{config.task.op}_{time.strftime('%Y%m%d-%H%M%S')}")
         run_dir = Path(args.out) / name
 
     device = resolve_device(args.device)  # refuse a bad --device before announcing anything
@@ -181,6 +179,19 @@ def _describe(config: RunConfig) -> str:
     batch = "full batch" if tr.batch_size == 0 else f"batch {tr.batch_size}"
     return (f"{t.op} ({OPERATIONS[t.op].formula}) {t.size_label}, {t.frac_train:.0%} train; {m.n_layers} layer(s) "
             f"d_model {m.d_model}; {tr.optimizer} lr {tr.lr:g} wd {tr.weight_decay:g}, {batch}, {tr.steps} steps")
+
+
+def _plain_name(name: str) -> str:
+    if "/" in name or name.startswith("."):
+        raise UsageError(f"--name {name!r} must be a plain folder name (no '/', not starting with '.')")
+    return name
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Left-aligned columns, two spaces apart."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
 def _fmt(step) -> str:
@@ -215,9 +226,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_stackable(configs)
     if args.group_size < 1:
         raise UsageError(f"--group-size must be at least 1, got {args.group_size}")
-    name = args.name or f"{preset}_{base.task.op}_sweep_{time.strftime('%Y%m%d-%H%M%S')}"
-    if "/" in name or name.startswith("."):
-        raise UsageError(f"--name {name!r} must be a plain folder name (no '/', not starting with '.')")
+    name = _plain_name(args.name or f"{preset}_{base.task.op}_sweep_{time.strftime('%Y%m%d-%H%M%S')}")
     folder = Path(args.out) / name
     device = resolve_device(args.device)  # refuse a bad --device before writing anything
     if folder.exists():
@@ -237,10 +246,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         rows = [(f"{r.frac_train:g}", f"{r.weight_decay:g}", str(r.seed),
                  _fmt(None if pd.isna(r.val_99_step) else int(r.val_99_step)), str(r.steps_trained))
                 for r in table.itertuples()]
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         print()
-        for row in [header, *rows]:
-            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        _print_table(header, rows)
         print(f"\nRuns: {folder} ({len(results)} of {len(configs)})")
         print(f"Data efficiency: {csv_path}\n                 {html_path}")
     if interrupted or len(results) < len(configs):
@@ -269,9 +276,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         table.append((run.name, t.op, t.size_label, str(steps), str(len(run.steps)),
                       _fmt(first_step_reaching(rows, "train_acc", 0.99)), _fmt(first_step_reaching(rows, "val_acc", 0.99)),
                       f"{rows[-1]['val_acc']:.1%}" if rows else "-"))
-    widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
-    for row in [header, *table]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    _print_table(header, table)
     return 0
 
 
