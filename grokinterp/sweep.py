@@ -51,11 +51,13 @@ from grokinterp.trainer import (
     TrainResult,
     _deterministic,
     _Interrupt,
+    _progress_bar,
     _stop_reason,
     batch_indices,
     learning_rate,
     make_optimizer,
     resolve_device,
+    split_metrics,
     train,
     uses_fast_path,
 )
@@ -372,9 +374,7 @@ class _Stack:
             losses.append(ce.view(len(index), -1))
             correct.append(logits.argmax(-1) == labels)
         loss, acc = torch.cat(losses, 1), torch.cat(correct, 1).double()
-        return [{"train_loss": loss[j, m.train_rows].mean().item(), "train_acc": acc[j, m.train_rows].mean().item(),
-                 "val_loss": loss[j, m.val_rows].mean().item(), "val_acc": acc[j, m.val_rows].mean().item()}
-                for j, m in enumerate(members)]
+        return [split_metrics(loss[j], acc[j], m.train_rows, m.val_rows) for j, m in enumerate(members)]
 
     def weight_norm_sq(self, k: int) -> float:
         return weight_norm_sq(p[k] for p in self.params.values())
@@ -487,7 +487,7 @@ def _train_stack(members: list[_Member], stack: _Stack, table: TaskData, interru
     log_rows(0, list(range(len(active))))
     for j in range(len(active)):
         save(0, j)
-    bar = _progress_bar(progress, cfg.steps, label)
+    bar = _progress_bar(progress, 0, cfg.steps, label)
     _update_bar(bar, members, active)
     full = _full_batch(members)
     batch = _batch(members, table, 1) if full else None
@@ -531,14 +531,6 @@ def _train_stack(members: list[_Member], stack: _Stack, table: TaskData, interru
     if bar is not None:
         bar.close()
     return [results[i] for i in range(len(members))]
-
-
-def _progress_bar(enabled: bool, total: int, label: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=label, unit="step", mininterval=0.5, dynamic_ncols=True)
 
 
 def _update_bar(bar, members: list[_Member], active: list[int]) -> None:

@@ -121,12 +121,17 @@ def evaluate(model, data: TaskData, forward=answer_logits) -> dict[str, float]:
         logits = forward(model, tokens).to(torch.float64)
         losses.append(F.cross_entropy(logits, labels, reduction="none"))
         correct.append(logits.argmax(-1) == labels)
-    loss, acc = torch.cat(losses), torch.cat(correct).double()
+    return split_metrics(torch.cat(losses), torch.cat(correct).double(), data.train_idx, data.val_idx)
+
+
+def split_metrics(loss: Float[torch.Tensor, " rows"], acc: Float[torch.Tensor, " rows"],
+                  train_idx: Int[torch.Tensor, " n_train"], val_idx: Int[torch.Tensor, " n_val"]) -> dict[str, float]:
+    """Per-row loss and correctness over the whole table, averaged over the training and validation rows."""
     return {
-        "train_loss": loss[data.train_idx].mean().item(),
-        "train_acc": acc[data.train_idx].mean().item(),
-        "val_loss": loss[data.val_idx].mean().item(),
-        "val_acc": acc[data.val_idx].mean().item(),
+        "train_loss": loss[train_idx].mean().item(),
+        "train_acc": acc[train_idx].mean().item(),
+        "val_loss": loss[val_idx].mean().item(),
+        "val_acc": acc[val_idx].mean().item(),
     }
 
 
