@@ -190,3 +190,15 @@ def test_fast_path_training_is_the_same_maths_in_float64(tiny):
             optimizer.step()
     gap = max(float((p - q).detach().abs().max()) for p, q in zip(*(m.parameters() for m in models)))
     assert gap < 1e-10, gap
+
+
+def test_cpu_training_uses_deterministic_kernels_and_restores_the_settings(tmp_path, tiny):
+    """Deterministic kernels during training (bit-exact resume), without the NaN fill of new tensors (a debugging
+    guard that cost ~10% of a step); the caller's settings come back afterwards."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+    seen = []
+    train(tiny(steps=2), tmp_path / "run", device="cpu", progress=False,
+          on_step=lambda step: seen.append((torch.are_deterministic_algorithms_enabled(),
+                                            torch.utils.deterministic.fill_uninitialized_memory)))
+    assert seen == [(True, False)] * 2
+    assert (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory) == before
