@@ -7,13 +7,22 @@ each step first builds small tables over the vocabulary (attention scores and va
 three scores, and runs the MLP and the unembedding at the last position. ``HookedTransformer.forward`` does all of
 that at all three positions for every row, about three times the arithmetic and many more kernel launches.
 
-It is the same function as ``grokinterp.model.answer_logits`` (up to float rounding) and reads the model's own
-parameters, so ``loss.backward()`` fills ``model.W_E.grad`` and friends and any optimizer works unchanged. Hooks
-attached to the model do not run. Rows must end in ``=`` (every row of every task does): ``fast_answer_logits``
-checks that, ``answer_logits_from_params`` assumes it.
+Two forms of it:
 
-On Nanda et al.'s model (p = 113, 3830 training rows) a full-batch AdamW step takes about 56 ms of CPU instead of
-about 250 ms; what is left is almost all the MLP and unembedding matmuls that the answer needs anyway.
+* ``answer_logits_from_params``: any supported model, a pure function that ``vmap`` maps over stacked models
+  (``grokinterp.sweep``).
+* ``folded_answer_logits``: models without normalization (Nanda et al.'s and the presets), where the maps between
+  the attention pattern and the MLP are all linear and fold into tables, saving a third of the matmul FLOPs.
+  ``fast_answer_logits`` takes it where it applies.
+
+Both are the same function as ``grokinterp.model.answer_logits`` (tests check logits and gradients to float64
+rounding) and read the model's own parameters, so ``loss.backward()`` fills ``model.W_E.grad`` and friends and any
+optimizer works unchanged. Hooks attached to the model do not run. Rows must end in ``=`` (every row of every task
+does): ``fast_answer_logits`` checks that, the others assume it.
+
+On Nanda et al.'s model (p = 113, 3830 training rows, 2 CPU cores) a full-batch AdamW step takes about 26 ms
+instead of about 130 ms for the model's own forward; what is left is mostly the matmuls the answer needs anyway
+(see the README's benchmark).
 """
 
 from collections.abc import Mapping
@@ -98,24 +107,19 @@ def _mlp(x: Float[Tensor, "batch d_model"], params: Mapping[str, Tensor], cfg: H
     return torch.addmm(params["blocks.0.mlp.b_out"], post, params["blocks.0.mlp.W_out"])
 
 
-def answer_logits_from_params(
-    params: Mapping[str, Tensor], tokens: Int[Tensor, "batch 3"], cfg: HookedTransformerConfig
-) -> Float[Tensor, "batch d_vocab_out"]:
-    """The answer logits of the 1-layer model with these parameters (TransformerLens state-dict names).
-
-    A pure function of ``params`` (no in-place ops, no branching on tensor values), so it works under
-    ``torch.func.functional_call``, ``grad`` and ``vmap`` over a leading model dimension of params and tokens.
-    Position 2 is assumed to hold ``=`` (token ``d_vocab - 1``); see the module docstring.
-    """
+def _layer0(params: Mapping[str, Tensor], tokens: Int[Tensor, "batch 3"], cfg: HookedTransformerConfig):
+    """What attention in layer 0 needs, from per-token tables: the residual stream of ``=`` at position 2
+    [d_model], each row's attention pattern from the answer position [batch, n_heads, 3] (keys a, b, =), and the
+    values of every token at positions 0 and 1 [2, d_vocab, n_heads, d_head] and of ``=`` at 2 [n_heads, d_head]."""
     reason = unsupported_reason(cfg)
     if reason is not None:
         raise ValueError(f"the fast answer-logits path does not support this model ({reason})")
     if tokens.shape[-1] != N_CTX:
         raise ValueError(f"the fast path needs rows [a, b, =] of {N_CTX} tokens, got {tokens.shape[-1]}")
     W_E, W_pos = params["embed.W_E"], params["pos_embed.W_pos"]
-    W_Q, W_K, W_V, W_O = (params[f"blocks.0.attn.W_{m}"] for m in "QKVO")
-    b_Q, b_K, b_V, b_O = (params[f"blocks.0.attn.b_{m}"] for m in "QKVO")
-    n_heads, d_model, d_head = W_Q.shape
+    W_Q, W_K, W_V = (params[f"blocks.0.attn.W_{m}"] for m in "QKV")
+    b_Q, b_K, b_V = (params[f"blocks.0.attn.b_{m}"] for m in "QKV")
+    n_heads = W_Q.shape[0]
     equals = cfg.d_vocab - 1
 
     # The residual stream entering the block: every token at positions 0 and 1, and "=" at position 2.
@@ -131,21 +135,33 @@ def answer_logits_from_params(
     q_bias = (b_K * q).sum(-1)  # [n_heads]
     scores_ab = (x_ab @ qk + q_bias) / attn_scale  # [2, d_vocab, n_heads]
     score_eq = (x_eq @ qk + q_bias) / attn_scale  # [n_heads]
-    W_V_flat = W_V.permute(1, 0, 2).reshape(d_model, n_heads * d_head)
-    v_ab = x_ab @ W_V_flat + b_V.reshape(-1)  # [2, d_vocab, n_heads * d_head]
-    v_eq = x_eq @ W_V_flat + b_V.reshape(-1)  # [n_heads * d_head]
+    v_ab = torch.einsum("jvd,hde->jvhe", x_ab, W_V) + b_V  # [2, d_vocab, n_heads, d_head]
+    v_eq = torch.einsum("d,hde->he", x_eq, W_V) + b_V  # [n_heads, d_head]
 
-    # Per row: gather the two tables' entries, softmax over the three positions, mix the values.
+    # Per row: gather the two tables' scores and take a softmax over the three positions.
     a, b = tokens[:, 0], tokens[:, 1]
     scores = torch.stack([scores_ab[0][a], scores_ab[1][b], score_eq.expand(a.shape[0], n_heads)], dim=-1)
     scores = apply_softcap(scores, cfg.attn_scores_soft_cap)
-    pattern = scores.softmax(dim=-1)  # [batch, n_heads, 3]; position 2 sees all three, so no causal mask
-    z = (
-        pattern[..., 0:1] * v_ab[0][a].reshape(-1, n_heads, d_head)
-        + pattern[..., 1:2] * v_ab[1][b].reshape(-1, n_heads, d_head)
-        + pattern[..., 2:3] * v_eq.reshape(n_heads, d_head)
-    )  # [batch, n_heads, d_head]
-    attn_out = torch.addmm(b_O, z.reshape(-1, n_heads * d_head), W_O.reshape(n_heads * d_head, d_model))
+    pattern = scores.softmax(dim=-1)  # position 2 sees all three, so no causal mask
+    return resid_eq, pattern, v_ab, v_eq
+
+
+def answer_logits_from_params(
+    params: Mapping[str, Tensor], tokens: Int[Tensor, "batch 3"], cfg: HookedTransformerConfig
+) -> Float[Tensor, "batch d_vocab_out"]:
+    """The answer logits of the 1-layer model with these parameters (TransformerLens state-dict names).
+
+    A pure function of ``params`` (no in-place ops, no branching on tensor values), so it works under
+    ``torch.func.functional_call``, ``grad`` and ``vmap`` over a leading model dimension of params and tokens.
+    Position 2 is assumed to hold ``=`` (token ``d_vocab - 1``); see the module docstring.
+    """
+    resid_eq, pattern, v_ab, v_eq = _layer0(params, tokens, cfg)
+    a, b = tokens[:, 0], tokens[:, 1]
+    W_O = params["blocks.0.attn.W_O"]
+    n_heads, d_head, d_model = W_O.shape
+    z = pattern[..., 0:1] * v_ab[0][a] + pattern[..., 1:2] * v_ab[1][b] + pattern[..., 2:3] * v_eq  # [batch, h, e]
+    attn_out = torch.addmm(params["blocks.0.attn.b_O"], z.reshape(-1, n_heads * d_head),
+                           W_O.reshape(n_heads * d_head, d_model))
 
     resid = resid_eq + attn_out  # [batch, d_model]
     if not cfg.attn_only:
@@ -155,6 +171,96 @@ def answer_logits_from_params(
     return apply_softcap(logits, cfg.output_logits_soft_cap)
 
 
+def folded_answer_logits(
+    params: Mapping[str, Tensor], tokens: Int[Tensor, "batch 3"], cfg: HookedTransformerConfig
+) -> Float[Tensor, "batch d_vocab_out"]:
+    """``answer_logits_from_params`` for a model without normalization, with the linear maps folded together.
+
+    Without LayerNorm, everything between the attention pattern and the MLP's activation is linear, and so is
+    everything after the activation: the answer's residual stream is ``resid0 + z W_O`` with
+    ``z = Σ_j pattern_j · v_j[token_j]``, so the MLP input is ``Σ_j pattern_j · (v_j W_O W_in)[token_j] + const``
+    and the direct path to the logits likewise with ``W_O W_U``, while the MLP's output reaches the logits through
+    ``W_out W_U`` alone. Per step that is tables over the vocabulary, a weighted sum of 3·n_heads table rows per
+    example (``_MixedReadout``), the activation, and one [batch, d_mlp] × [d_mlp, d_vocab_out] matmul: a third
+    fewer matmul FLOPs than ``answer_logits_from_params`` (forward and backward, Nanda et al.'s model), and no
+    [batch, d_model] activations at all. Not for ``vmap`` (its backward is written by hand)."""
+    if cfg.normalization_type is not None:
+        raise ValueError(f"the folded path needs a model without normalization, not {cfg.normalization_type}")
+    resid_eq, pattern, v_ab, v_eq = _layer0(params, tokens, cfg)
+    a, b = tokens[:, 0], tokens[:, 1]
+    W_O, W_U = params["blocks.0.attn.W_O"], params["unembed.W_U"]
+    resid0 = resid_eq + params["blocks.0.attn.b_O"]  # the part of the answer's stream that is the same in every row
+    direct_bias = resid0 @ W_U + params["unembed.b_U"]
+    readouts = [torch.einsum("hed,dv->hev", W_O, W_U)]  # [n_heads, d_head, d_vocab_out]
+    if not cfg.attn_only:
+        W_in, W_out = params["blocks.0.mlp.W_in"], params["blocks.0.mlp.W_out"]
+        readouts.append(torch.einsum("hed,dm->hem", W_O, W_in))  # [n_heads, d_head, d_mlp]
+    outs = _MixedReadout.apply(pattern, v_ab, v_eq, a, b, *readouts)
+    if cfg.attn_only:
+        return apply_softcap(outs[0] + direct_bias, cfg.output_logits_soft_cap)
+    # In place where it is safe (the Function keeps no outputs): on the CPU a fresh [batch, d_mlp] tensor costs more
+    # in page faults than the arithmetic that fills it.
+    direct, pre = outs
+    pre = pre.add_(resid0 @ W_in + params["blocks.0.mlp.b_in"])
+    post = F.relu(pre, inplace=True) if cfg.act_fn == "relu" else ACTIVATIONS[cfg.act_fn](pre)
+    if cfg.is_layer_norm_activation():  # solu_ln normalizes the neurons even in a model without normalization
+        post = _layer_norm(post, params, "blocks.0.mlp.ln", cfg)
+    logits = direct.add_(direct_bias + params["blocks.0.mlp.b_out"] @ W_U).addmm_(post, W_out @ W_U)
+    return apply_softcap(logits, cfg.output_logits_soft_cap)
+
+
+class _MixedReadout(torch.autograd.Function):
+    """``z @ R`` for each readout ``R`` [n_heads, d_head, F], where ``z[n, h] = Σ_j pattern[n, h, j] v_j[t_j[n], h]``
+    (tokens t = (a, b, =), values as ``_layer0`` gives them), without forming ``z`` or multiplying by ``R`` per row.
+
+    Forward: the tables ``v_j R`` over the vocabulary, then one ``embedding_bag`` per readout sums the
+    3·n_heads table rows of each example with its pattern as weights. Backward, by hand (torch's own backward of
+    ``embedding_bag``'s weights is a slow per-element loop): ``z`` is rebuilt from the pattern, and
+    ``dR = zᵀ dOut``, ``dz = dOut Rᵀ``, from which the pattern's and the values' gradients are gathers and
+    scatters of [batch, n_heads, d_head]."""
+
+    @staticmethod
+    def forward(ctx, pattern, v_ab, v_eq, a, b, *readouts):
+        batch, n_heads, _ = pattern.shape
+        d_vocab = v_ab.shape[1]
+        heads = torch.arange(n_heads, device=pattern.device)
+        # row of table entry (position j, token t, head h): (j·d_vocab + t)·n_heads + h; "=" rows come last
+        index = torch.cat([a[:, None] * n_heads + heads, (d_vocab + b[:, None]) * n_heads + heads,
+                           (2 * d_vocab * n_heads + heads).expand(batch, n_heads)], dim=1)
+        weights = pattern.transpose(1, 2).reshape(batch, 3 * n_heads)
+        outs = []
+        for readout in readouts:
+            table = torch.cat([torch.einsum("jvhe,hef->jvhf", v_ab, readout).reshape(2 * d_vocab * n_heads, -1),
+                               torch.einsum("he,hef->hf", v_eq, readout)])
+            outs.append(F.embedding_bag(index, table, per_sample_weights=weights, mode="sum"))
+        ctx.save_for_backward(pattern, v_ab, v_eq, a, b, *readouts)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        pattern, v_ab, v_eq, a, b, *readouts = ctx.saved_tensors
+        batch, n_heads, d_head = pattern.shape[0], *v_eq.shape
+        v_a, v_b = v_ab[0][a], v_ab[1][b]  # [batch, n_heads, d_head]
+        z = (pattern[..., 0:1] * v_a + pattern[..., 1:2] * v_b + pattern[..., 2:3] * v_eq).reshape(batch, -1)
+        dz, d_readouts = None, []
+        for readout, grad in zip(readouts, grads):
+            if grad is None:
+                d_readouts.append(None)
+                continue
+            flat = readout.reshape(n_heads * d_head, -1)
+            d_readouts.append((z.T @ grad).view(readout.shape) if ctx.needs_input_grad[5 + len(d_readouts)]
+                              else None)
+            dz = grad @ flat.T if dz is None else dz.addmm_(grad, flat.T)
+        if dz is None:
+            return (None,) * (5 + len(readouts))
+        dz = dz.view(batch, n_heads, d_head)
+        d_pattern = torch.stack([(dz * v_a).sum(-1), (dz * v_b).sum(-1), (dz * v_eq).sum(-1)], dim=-1)
+        d_v_ab = torch.stack([torch.zeros_like(v_ab[0]).index_add_(0, a, pattern[..., 0:1] * dz),
+                              torch.zeros_like(v_ab[1]).index_add_(0, b, pattern[..., 1:2] * dz)])
+        d_v_eq = (pattern[..., 2:3] * dz).sum(0)
+        return (d_pattern, d_v_ab, d_v_eq, None, None, *d_readouts)
+
+
 def fast_answer_logits(model: HookedTransformer, tokens: Int[Tensor, "batch 3"]) -> Float[Tensor, "batch d_vocab_out"]:
     """``answer_logits(model, tokens)`` by the fast path, reading (not copying) the model's parameters.
 
@@ -162,4 +268,11 @@ def fast_answer_logits(model: HookedTransformer, tokens: Int[Tensor, "batch 3"])
     (one device sync on a GPU, as the training loop's finite-loss check already does each step)."""
     if bool((tokens[:, 2] != model.cfg.d_vocab - 1).any()):
         raise ValueError(f"the fast path needs rows [a, b, =]; some rows do not end in '=' ({model.cfg.d_vocab - 1})")
-    return answer_logits_from_params(dict(model.named_parameters()), tokens, model.cfg)
+    forward = folded_answer_logits if _folds(model.cfg, tokens.device) else answer_logits_from_params
+    return forward(dict(model.named_parameters()), tokens, model.cfg)
+
+
+def _folds(cfg: HookedTransformerConfig, device: torch.device) -> bool:
+    """Whether ``fast_answer_logits`` takes the folded path: models without normalization, on the devices whose
+    ``embedding_bag`` takes per-row weights."""
+    return cfg.normalization_type is None and device.type in ("cpu", "cuda")

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, stack_module_state, vmap
 
+import grokinterp.fastpath as fastpath
 from grokinterp.config import ModelConfig
-from grokinterp.fastpath import answer_logits_from_params, fast_answer_logits, unsupported_reason
+from grokinterp.fastpath import answer_logits_from_params, fast_answer_logits, folded_answer_logits, unsupported_reason
 from grokinterp.model import answer_logits, build_model, hooked_config
 from grokinterp.tasks import build_task
 from grokinterp.trainer import answer_loss
@@ -90,6 +91,81 @@ def test_gradients_match_the_model(name):
             continue
         assert_close(fast_params[n].grad, p.grad, rel=1e-4)
         assert_close(functional[n], p.grad, rel=1e-4)
+
+
+FOLDED = ["relu", "gelu", "silu", "solu_ln", "attn_only", "biases", "softcaps"]
+
+
+def float64_model(name: str, n_symbols: int):
+    """A float64 model of CONFIGS[name] with random biases; "softcaps" caps attention scores and logits at 2,
+    tight enough for the caps to bend the function."""
+    cfg = CONFIGS["biases" if name == "softcaps" else name]
+    model = make_model(cfg, n_symbols).to(torch.float64)  # (TransformerLens then also sets cfg.dtype)
+    if name == "softcaps":
+        model.cfg.attn_scores_soft_cap = model.cfg.output_logits_soft_cap = 2.0
+    return model
+
+
+@pytest.mark.parametrize("name", FOLDED)
+def test_folded_path_is_the_model_to_float64_rounding(name):
+    """Logits and every gradient of the folded path equal the HookedTransformer forward's in float64: the folding
+    is the same function, not an approximation (float32 rounding would hide a small slip; float64 does not)."""
+    data = build_task("add", 11, 5, 0.6, 0)
+    plain = float64_model(name, data.n_symbols)
+    folded = copy.deepcopy(plain)
+    ref = answer_logits(plain, data.tokens)
+    out = folded_answer_logits(dict(folded.named_parameters()), data.tokens, folded.cfg)
+    assert out.dtype == torch.float64
+    assert_close(out, ref, rel=1e-12)
+    if name == "softcaps":
+        assert ref.abs().max() < 2.0 and ref.abs().max() > 1.0  # the cap is active
+    answer_loss(ref[data.train_idx], data.labels[data.train_idx]).backward()
+    answer_loss(out[data.train_idx], data.labels[data.train_idx]).backward()
+    folded_params = dict(folded.named_parameters())
+    for n, p in plain.named_parameters():
+        if p.requires_grad:
+            assert p.grad.abs().max() > 0, n
+            assert_close(folded_params[n].grad, p.grad, rel=1e-11)
+        else:
+            assert folded_params[n].grad is None
+
+
+@pytest.mark.parametrize("path", ["folded", "unfolded"])
+def test_float32_gradients_are_as_accurate_as_the_models_own(path):
+    """Against the float64 gradient, each fast path's float32 gradient errs no more than the HookedTransformer
+    forward's own float32 gradient (measured on x+y mod 23: at most 2.8e-7 relative for the folded path, 4.1e-7
+    for the unfolded one and 3.6e-7 for the model's forward)."""
+    data = build_task("add", 23, 5, 0.5, 0)
+    tokens, labels = data.tokens[data.train_idx], data.labels[data.train_idx]
+    model = make_model(CONFIGS["relu"], data.n_symbols)
+    forward = {"folded": folded_answer_logits, "unfolded": answer_logits_from_params}[path]
+
+    def relative_errors(logits, truth):
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(answer_loss(logits, labels), params)
+        return [float((g.double() - t).abs().max() / t.abs().max()) for g, t in zip(grads, truth)]
+
+    exact = copy.deepcopy(model).to(torch.float64)
+    truth = torch.autograd.grad(answer_loss(answer_logits(exact, tokens), labels),
+                                [p for p in exact.parameters() if p.requires_grad])
+    own = relative_errors(answer_logits(model, tokens), truth)
+    fast = relative_errors(forward(dict(model.named_parameters()), tokens, model.cfg), truth)
+    assert 0 < max(own) < 1e-6
+    assert max(fast) <= 2 * max(own), (fast, own)
+
+
+def test_fast_answer_logits_folds_exactly_the_models_without_normalization(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fastpath, "folded_answer_logits",
+                        lambda *args: calls.append(1) or answer_logits_from_params(*args))
+    data = build_task("add", 7, 5, 0.5, 0)
+    for name, folds in [("relu", True), ("attn_only", True), ("LN", False), ("LNPre", False)]:
+        calls.clear()
+        fast_answer_logits(make_model(CONFIGS[name], data.n_symbols), data.tokens)
+        assert bool(calls) == folds, name
+    with pytest.raises(ValueError, match="without normalization"):
+        model = make_model(CONFIGS["LN"], data.n_symbols)
+        folded_answer_logits(dict(model.named_parameters()), data.tokens, model.cfg)
 
 
 def test_training_matches_the_plain_forward():
