@@ -63,10 +63,15 @@ def resolve_device(device: str) -> torch.device:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    # Adam(W) through torch's fused kernel where it has one (CPU, CUDA): one pass per tensor instead of about ten
+    # ops, 0.7 ms of a 26 ms nanda2023 fast-path step on 2 cores. Same update up to float32 rounding.
+    fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
+                                 fused=fused)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
+                                fused=fused)
     return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.beta1)
 
 
