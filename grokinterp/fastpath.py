@@ -223,15 +223,16 @@ class _MixedReadout(torch.autograd.Function):
     def forward(ctx, pattern, v_ab, v_eq, a, b, *readouts):
         batch, n_heads, _ = pattern.shape
         d_vocab = v_ab.shape[1]
-        heads = torch.arange(n_heads, device=pattern.device)
-        # row of table entry (position j, token t, head h): (j·d_vocab + t)·n_heads + h; "=" rows come last
-        index = torch.cat([a[:, None] * n_heads + heads, (d_vocab + b[:, None]) * n_heads + heads,
-                           (2 * d_vocab * n_heads + heads).expand(batch, n_heads)], dim=1)
+        # The tables, head-major: row h·(2·d_vocab + 1) + j·d_vocab + t holds head h's value of token t at position j
+        # (j = 0, 1) times R, and row h·(2·d_vocab + 1) + 2·d_vocab that of "=" at position 2. One bmm, no copies.
+        values = torch.cat([v_ab.flatten(0, 1), v_eq.unsqueeze(0)]).transpose(0, 1)  # [n_heads, 2·d_vocab + 1, e]
+        first = torch.arange(n_heads, device=pattern.device) * (2 * d_vocab + 1)  # each head's first row
+        index = torch.cat([first + a[:, None], first + d_vocab + b[:, None], (first + 2 * d_vocab).expand(batch, -1)],
+                          dim=1)  # [batch, 3·n_heads], position-major like the weights
         weights = pattern.transpose(1, 2).reshape(batch, 3 * n_heads)
         outs = []
         for readout in readouts:
-            table = torch.cat([torch.einsum("jvhe,hef->jvhf", v_ab, readout).reshape(2 * d_vocab * n_heads, -1),
-                               torch.einsum("he,hef->hf", v_eq, readout)])
+            table = torch.bmm(values, readout).flatten(0, 1)  # [n_heads·(2·d_vocab + 1), F]
             outs.append(F.embedding_bag(index, table, per_sample_weights=weights, mode="sum"))
         ctx.save_for_backward(pattern, v_ab, v_eq, a, b, *readouts)
         return tuple(outs)
