@@ -1,17 +1,21 @@
 """Training speed, side by side in one process: the reference loop against grokinterp, one run and many at once.
 
-    python benchmarks/train_speed.py                 # everything, ~5 min on 2 cores
+    python benchmarks/train_speed.py                 # everything, ~8 min on 2 cores
     python benchmarks/train_speed.py --only single   # just the single-run comparison
 
 What it measures on the ``nanda2023`` configuration (x+y mod 113, 30% data, full batch):
 
 * reference: the loop from the TransformerLens grokking demo: ``HookedTransformer`` forward on the full batch,
   float64 cross-entropy on the last position, AdamW with a 10-step warm-up; nothing else (no evaluation, no saving).
-* grokinterp: ``grokinterp.train`` itself on the same config, evaluation every 20 steps and the real checkpoint
-  schedule included, timed between steps with its ``on_step`` hook.
+* grokinterp: ``grokinterp.train`` itself, evaluation every 20 steps and checkpoints included, timed between steps
+  with its ``on_step`` hook over steps 21-120 of the schedule a run keeps after its first 1,000 steps (one
+  checkpoint per 100 steps, 5 evaluations in the window). A second row times the same steps of the real schedule,
+  whose log-spaced early checkpoints put 16 saves in that window (a run's first 1,000 steps hold 59 of its 449).
 * parity: weights after 100 steps of the fast path against the plain forward (``--no-fast-path``).
 * stacked: ``grokinterp.sweep.train_many`` with K = 1, 4, 16 members, in models·steps/s, against one run after
-  another with the ordinary trainer.
+  another with the ordinary trainer, both over the same steps of the same schedule; then the same on a small table
+  (x+y mod 23), where one model's step is mostly fixed overhead.
+* checkpoint: milliseconds to save one checkpoint (weights and optimizer state, checksummed and fsynced).
 * sharpness: seconds to analyse every checkpoint of a short run for sharpness.
 
 Each row also gives the peak resident memory of its phase. Ratios compare numbers taken minutes apart in one
@@ -153,12 +157,33 @@ def parity(config, dev: torch.device, steps: int, dtype: torch.dtype) -> tuple[f
     return gap(models[0], models[1]), gap(models[0], models[2])
 
 
+def save_ms(config, dev: torch.device, folder: Path, n: int = 20) -> float:
+    """Median milliseconds of one checkpoint save of ``config``'s model, as the trainer saves it."""
+    from grokinterp.checkpoints import RunStore, TrainerState
+    from grokinterp.trainer import make_optimizer
+
+    t = config.task
+    data = build_task(t.op, t.p, t.n, t.frac_train, t.data_seed)
+    model = build_model(config.model, data.n_symbols, device=dev)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config.train)
+    demo_step(model, optimizer, answer_logits, data.tokens[:8].to(dev), data.labels[:8].to(dev), config.train.lr)
+    store = RunStore.create(folder / "saves", config, data)
+    times = []
+    for step in range(1, n + 1):
+        start = time.perf_counter()
+        store.write_weights(step, model.state_dict())
+        store.write_trainer_state(TrainerState(step, optimizer.state_dict(), False, ""))
+        times.append(time.perf_counter() - start)
+    return 1000 * sorted(times)[n // 2]
+
+
 def stacked_speed(config, dev: torch.device, k: int, steps: int, warmup: int, folder: Path) -> float:
     """Models·steps/s of k members trained together by grokinterp.sweep.train_many."""
     from grokinterp.sweep import train_many
 
     configs = [config.replace(model_seed=s, data_seed=s) for s in range(k)]
-    dirs = [folder / f"stack{k}_{i}" for i in range(k)]
+    tag = len(list(folder.iterdir()))  # a fresh name for each measurement
+    dirs = [folder / f"stack{tag}_{i}" for i in range(k)]
     return k * StepTimer(dev, warmup, steps).rate(train_many, configs, dirs, device=str(dev), progress=False,
                                                   group_size=k)
 
@@ -177,7 +202,7 @@ def sharpness_seconds(dev: torch.device, folder: Path) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="timed steps per single-run measurement")
-    parser.add_argument("--stack-steps", type=int, default=20, help="timed steps per stacked measurement")
+    parser.add_argument("--stack-steps", type=int, default=40, help="timed steps per stacked measurement")
     parser.add_argument("--ks", default="1,4,16", help="stack sizes to time")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", choices=["single", "stacked", "sharpness"], default=None)
@@ -196,29 +221,37 @@ def main() -> None:
     print(f"{'measurement':<48} {'value':>9} {'ratio':>11} {'peak MB':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        steady = config.replace(log_checkpoints=0)  # a run's schedule after its first 1,000 steps
         if args.only in (None, "single", "stacked"):
             reset_peak_memory(dev)
             ref = reference_loop(config, dev, args.steps, warmup=5)
             row("reference loop (demo), steps/s", f"{ref:.2f}", "1.00x", peak_memory_mb(dev))
         if args.only in (None, "single"):
             reset_peak_memory(dev)
-            plain = trainer_speed(config.replace(fast_path=False), dev, args.steps, 20, folder)
+            plain = trainer_speed(steady.replace(fast_path=False), dev, args.steps, 20, folder)
             row("grokinterp train --no-fast-path, steps/s", f"{plain:.2f}", f"{plain / ref:.2f}x", peak_memory_mb(dev))
             reset_peak_memory(dev)
-            fast = trainer_speed(config, dev, args.steps, 20, folder)
+            fast = trainer_speed(steady, dev, args.steps, 20, folder)
             row("grokinterp train (fast path), steps/s", f"{fast:.2f}", f"{fast / ref:.2f}x", peak_memory_mb(dev))
+            early = trainer_speed(config, dev, args.steps, 20, folder)
+            row("  the same, early schedule (16 saves), steps/s", f"{early:.2f}", f"{early / ref:.2f}x")
+            row("checkpoint save, ms", f"{save_ms(config, dev, folder):.1f}", "")
             for dtype in (torch.float32, torch.float64):
                 fast_gap, order_gap = parity(config, dev, 100, dtype)
                 name = str(dtype).removeprefix("torch.")
                 row(f"{name}, 100 steps: max |Δw| fast vs plain", f"{fast_gap:.1e}", "")
                 row(f"{name}, 100 steps: |Δw| plain vs rows reordered", f"{order_gap:.1e}", "")
         if args.only in (None, "stacked"):
-            single = trainer_speed(config, dev, args.stack_steps, 20, folder)
-            row("one run after another, models·steps/s", f"{single:.2f}", "1.00x")
-            for k in [int(x) for x in args.ks.split(",")]:
-                reset_peak_memory(dev)
-                speed = stacked_speed(config, dev, k, args.stack_steps, 3, folder)
-                row(f"sweep, {k} at once, models·steps/s", f"{speed:.2f}", f"{speed / single:.2f}x", peak_memory_mb(dev))
+            small = get_preset("quick").replace(p=23, steps=40_000, eval_every=20, checkpoints=400, log_checkpoints=0,
+                                                stop_val_acc=0.0)
+            for name, base, steps in [("nanda2023", steady, args.stack_steps), ("x+y mod 23", small, 5 * args.stack_steps)]:
+                single = trainer_speed(base, dev, steps, 20, folder)
+                row(f"{name}: one run after another, models·steps/s", f"{single:.2f}", "1.00x")
+                for k in [int(x) for x in args.ks.split(",")]:
+                    reset_peak_memory(dev)
+                    speed = stacked_speed(base, dev, k, steps, 20, folder)
+                    row(f"{name}: sweep, {k} at once, models·steps/s", f"{speed:.2f}", f"{speed / single:.2f}x",
+                        peak_memory_mb(dev))
         if args.only in (None, "sharpness"):
             reset_peak_memory(dev)
             seconds, n = sharpness_seconds(dev, folder)
