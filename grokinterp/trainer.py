@@ -213,7 +213,7 @@ def _deterministic(dev: torch.device):
 
     The mode's other half, filling every new tensor with NaN before use (a guard against reading uninitialized
     memory, which no kernel here does), is switched off: it wrote each [batch, d_mlp] activation twice and cost
-    ~10% of a fast-path step and a third of an evaluation."""
+    ~5% of a fast-path step and a third of an evaluation."""
     if dev.type != "cpu":
         yield
         return
