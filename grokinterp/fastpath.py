@@ -263,7 +263,8 @@ class _MixedReadout(torch.autograd.Function):
 
 
 def fast_answer_logits(model: HookedTransformer, tokens: Int[Tensor, "batch 3"]) -> Float[Tensor, "batch d_vocab_out"]:
-    """``answer_logits(model, tokens)`` by the fast path, reading (not copying) the model's parameters.
+    """``answer_logits(model, tokens)`` by the fast path, reading (not copying) the model's parameters: folded
+    (``folded_answer_logits``) for a model without normalization on a CPU or CUDA device, else unfolded.
 
     Refuses rows whose last token is not ``=``, which the fast path would get wrong. That check reads the tokens
     (one device sync on a GPU, as the training loop's finite-loss check already does each step)."""
