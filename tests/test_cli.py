@@ -1,4 +1,7 @@
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -79,9 +82,79 @@ def test_runs_on_an_empty_folder(tmp_path, capsys):
     assert "no runs under" in capsys.readouterr().out
 
 
-def test_help_lists_every_config_flag(capsys):
-    assert main(["train", "--help"]) == 0
-    text = capsys.readouterr().out
-    for flag in ["--op", "--p", "--frac-train", "--data-seed", "--model-seed", "--weight-decay", "--batch-size",
-                 "--stop-val-acc", "--freeze-biases", "--log-checkpoints"]:
-        assert flag in text
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_help_lists_every_config_flag_with_its_docstring(capsys, command):
+    import dataclasses
+
+    from grokinterp.config import SECTIONS, field_docs
+
+    assert main([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps help text; compare with whitespace folded
+    for cls in SECTIONS.values():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            assert re.search(rf"{re.escape(flag)}\b", text), flag
+            assert " ".join(docs[f.name].split())[:40] in text, f"{flag}: its docstring is not its help"
+
+
+def _hand_made_run(root, rows):
+    """A run folder whose metrics log is written by hand, so the steps a listing should show are known."""
+    from grokinterp.checkpoints import RunStore
+    from grokinterp.config import RunConfig
+    from grokinterp.tasks import build_task
+
+    store = RunStore.create(root / "handmade", RunConfig().replace(p=7, frac_train=0.6), build_task("add", 7, 5, 0.6, 0))
+    (store.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return store.path
+
+
+def test_first_step_reaching_on_a_hand_written_log(tmp_path):
+    from grokinterp.checkpoints import first_step_reaching
+
+    rows = [{"step": 0, "train_acc": 0.1, "val_acc": 0.0}, {"step": 10, "train_acc": 0.98, "val_acc": 0.2},
+            {"step": 20, "train_acc": 0.99, "val_acc": 0.5}, {"step": 30, "train_acc": 0.95, "val_acc": 0.995},
+            {"step": 40, "train_acc": 1.0, "val_acc": 0.98}]
+    assert first_step_reaching(rows, "train_acc", 0.99) == 20  # exactly at the threshold counts
+    assert first_step_reaching(rows, "val_acc", 0.99) == 30  # the first time, even if it dips afterwards
+    assert first_step_reaching(rows, "val_acc", 0.5) == 20
+    assert first_step_reaching(rows, "val_acc", 0.999) is None
+    assert first_step_reaching(rows, "no_such_column", 0.5) is None
+    assert first_step_reaching([], "val_acc", 0.5) is None
+    assert load_run(_hand_made_run(tmp_path, rows)).first_step_reaching("val_acc", 0.99) == 30
+
+
+def test_runs_lists_the_steps_of_a_hand_written_log(tmp_path, capsys):
+    rows = [{"step": 0, "train_acc": 0.1, "val_acc": 0.0}, {"step": 10, "train_acc": 0.995, "val_acc": 0.3},
+            {"step": 20, "train_acc": 1.0, "val_acc": 0.991}, {"step": 25, "train_acc": 1.0, "val_acc": 0.9876}]
+    _hand_made_run(tmp_path, rows)
+    assert main(["runs", str(tmp_path)]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["run", "op", "size", "steps", "ckpts", "train", "99%", "val", "99%", "val", "acc"]
+    assert row.split() == ["handmade", "add", "p=7", "25", "0", "10", "20", "98.8%"]
+
+
+def test_skip_corrupt_flag_skips_a_damaged_checkpoint_with_a_warning(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path), "--name", "r", *TINY]) == 0
+    run = load_run(tmp_path / "r")
+    victim = run.steps[2]
+    weights = tmp_path / "r" / "weights" / f"step_{victim:07d}.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    out = tmp_path / "analyses"
+    capsys.readouterr()
+    assert main(["analyze", str(run.path), "--metric", "weight-norm", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and weights.name in err[0], err
+    # a real process, so the warning is checked where a person reads it: on stderr
+    done = subprocess.run([sys.executable, "-m", "grokinterp", "analyze", str(run.path), "--metric", "weight-norm",
+                           "--out", str(out), "--no-progress", "--skip-corrupt"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    warning = [line for line in done.stderr.splitlines() if f"skipping step {victim}" in line]
+    assert len(warning) == 1 and weights.name in warning[0], done.stderr
+    computed, cached = map(int, re.search(r"(\d+) checkpoint\(s\) computed, (\d+) from cache, 1 skipped",
+                                          done.stdout).groups())
+    assert computed + cached == len(run.steps) - 1, done.stdout
+    import pandas as pd
+
+    table = pd.read_csv(next(out.rglob("weight-norm.csv")))
+    assert sorted(table.step) == [s for s in run.steps if s != victim]

@@ -153,3 +153,111 @@ def test_analysing_a_run_while_it_trains_reads_only_finished_checkpoints(tmp_pat
             expected = weight_norms({k: v for k, v in run.state_dict(int(step)).items() if k in names})
             assert total == pytest.approx(expected["norm_sq_total"], rel=1e-12)
     assert len(seen[-1]) >= len(seen[0]) >= 1
+
+
+# -- the README's other promises, each against a real process ------------------------------------------------------
+
+def _wait_for_rows(run_dir: Path, proc: subprocess.Popen, at_least: int) -> None:
+    wait_for_log_rows(run_dir, proc, at_least)
+    assert proc.poll() is None, f"training ended before the test could act: {proc.communicate()}"
+
+
+@pytest.mark.parametrize("trainer", ["train", "sweep"])
+def test_a_second_process_cannot_train_a_run_being_trained(tmp_path, tiny, capsys, trainer):
+    """The lock is held by the process that trains, whether `grokinterp train` or a member of `grokinterp sweep`."""
+    from grokinterp.cli import main
+
+    config = tiny(steps=100_000, checkpoints=1000, log_checkpoints=0)  # far longer than the test: killed below
+    if trainer == "train":
+        run_dir = tmp_path / "busy"
+        proc = start_training(run_dir, config)
+    else:
+        flags = [f for f in cli_flags(config)]
+        for grid_flag in ("--frac-train", "--weight-decay", "--model-seed", "--data-seed"):  # set by the grid
+            i = flags.index(grid_flag)
+            del flags[i:i + 2]
+        run_dir = tmp_path / "sw" / "frac0.60_wd1_seed0"
+        proc = subprocess.Popen([sys.executable, "-m", "grokinterp", "sweep", "--out", str(tmp_path), "--name", "sw",
+                                 "--seeds", "0", "--fracs", "0.6", "--weight-decays", "1", "--group-size", "2",
+                                 *flags, "--no-progress", "--device", "cpu"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_rows(run_dir, proc, 2)
+        capsys.readouterr()
+        assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "being trained by another process" in err[-1], err
+    finally:
+        proc.kill()
+        proc.wait()
+    assert main(["train", "--resume", str(run_dir), "--steps", "100000", "--stop-val-acc", "0.01",
+                 "--no-progress"]) == 0  # free once the trainer is gone
+
+
+def test_ctrl_c_on_the_command_line_saves_prints_the_resume_command_and_resumes_bit_for_bit(tmp_path, tiny):
+    config = tiny(steps=600, eval_every=5, checkpoints=20, log_checkpoints=4)
+    run_dir = tmp_path / "interrupted"
+    proc = start_training(run_dir, config)
+    _wait_for_rows(run_dir, proc, 3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert f"continue with:  grokinterp train --resume {run_dir}" in out, out
+    stopped = load_run(run_dir)
+    at = stopped.trainer_state.step
+    assert at == stopped.steps[-1] < 600 and not stopped.trainer_state.finished
+
+    resumed = start_training(run_dir, config)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    run = load_run(run_dir)
+    whole = train(config, tmp_path / "whole", device="cpu", progress=False).run
+    assert set(run.steps) == set(whole.steps) | {at}  # the schedule, plus the checkpoint Ctrl-C saved
+    for step in whole.steps:
+        a, b = run.state_dict(step), whole.state_dict(step)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b), f"weights differ at step {step}"
+    assert run.metrics.drop(columns="time_s").equals(whole.metrics.drop(columns="time_s"))
+
+
+class _WritesAMarker:
+    """Unpickling this object would run code: it writes a file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def test_a_trainer_state_that_would_run_code_is_refused_and_never_run(tmp_path, tiny, capsys):
+    from grokinterp.cli import main
+
+    run = train(tiny(steps=10, checkpoints=2, log_checkpoints=0), tmp_path / "run", device="cpu", progress=False).run
+    marker = tmp_path / "marker"
+    torch.save({"step": 10, "optimizer": _WritesAMarker(marker), "finished": False, "stop_reason": ""},
+               run.path / "trainer_state.pt")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run.path), "--steps", "20", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("grokinterp: error: ") and "trainer_state.pt" in err[-1], err
+    assert not marker.exists(), "loading a trainer state executed code"
+
+
+def test_every_torch_load_in_the_package_refuses_pickled_code():
+    """Each torch.load call passes weights_only=True literally, so no run folder can make the package run code."""
+    import ast
+
+    import grokinterp
+
+    calls = []
+    for file in Path(grokinterp.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                weights_only = [k.value for k in node.keywords if k.arg == "weights_only"]
+                calls.append((file.name, node.lineno))
+                assert len(weights_only) == 1 and isinstance(weights_only[0], ast.Constant) \
+                    and weights_only[0].value is True, f"{file}:{node.lineno} calls torch.load without weights_only=True"
+    assert calls, "the trainer state is read with torch.load somewhere in the package"
+    assert not any(isinstance(node, ast.Name) and node.id == "pickle" for file in Path(grokinterp.__file__).parent
+                   .rglob("*.py") for node in ast.walk(ast.parse(file.read_text()))), "the package uses pickle"
