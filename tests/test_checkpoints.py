@@ -106,6 +106,14 @@ def test_a_flipped_bit_is_caught_by_the_checksums(tmp_path, tiny):
     _flip_last_float_byte(weights_file, run.state_dict(10)["unembed.W_U"])
     with pytest.raises(RunError, match=r"step_0000010.safetensors is corrupt: its contents do not match"):
         run.state_dict(10)
+    # one bit of the task table: the first label 0 becomes 1, still a valid table, so only the checksum can tell
+    labels = run.data.labels
+    raw = bytearray((run.path / "data.safetensors").read_bytes())
+    at = raw.find(labels.numpy().tobytes()) + int((labels == 0).nonzero()[0]) * labels.element_size()
+    raw[at] ^= 0x01
+    (run.path / "data.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(RunError, match=r"data.safetensors is corrupt: its contents do not match"):
+        run.store.read_data()
     state = run.trainer_state
     _flip_last_float_byte(run.path / "trainer_state.pt", state.optimizer["state"][0]["exp_avg"])
     with pytest.raises(RunError, match=r"trainer_state.pt is corrupt: its contents do not match"):

@@ -184,7 +184,8 @@ def test_a_second_process_cannot_train_a_run_being_trained(tmp_path, tiny, capsy
     try:
         _wait_for_rows(run_dir, proc, 2)
         capsys.readouterr()
-        assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 2
+        # the stop rule makes an unlocked resume end at once (exit 0) instead of training on for the whole budget
+        assert main(["train", "--resume", str(run_dir), "--stop-val-acc", "0.01", "--no-progress"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert "being trained by another process" in err[-1], err
     finally:
