@@ -1,5 +1,4 @@
 import math
-import time
 
 import numpy as np
 import pytest
@@ -94,13 +93,6 @@ def test_s5_irreps_and_character_table():
     assert np.allclose(g.irrep("standard").character, fixed - 1)
     assert np.allclose(g.irrep("standard_sign").character, (fixed - 1) * g.sign)
     assert np.allclose(g.irrep("p221").character, g.irrep("p32").character * g.sign)
-
-
-def test_irreps_of_s5_are_fast():
-    start = time.perf_counter()
-    g = SymmetricGroup(5)  # a fresh instance: nothing cached yet
-    g.irreps, g.character_table, g.conjugacy_classes
-    assert time.perf_counter() - start < 2.0
 
 
 # ---- irrep FVE ------------------------------------------------------------------------------------------------
@@ -247,19 +239,20 @@ def test_checkpoint_rows_are_consistent_with_the_pure_functions():
         logits = answer_logits(ckpt.model, ckpt.data.tokens)
     sims = logit_similarity(logits, ckpt.data.labels, g)
     assert row["logit_sim_sign"] == pytest.approx(sims["sign"], abs=1e-9)
-    assert row["logit_character_fve"] <= 1.0
+    assert row["logit_character_fve"] == pytest.approx(sum(v**2 for v in sims.values()), abs=1e-12)
+    assert row["logit_key_fve"] == pytest.approx(sum(sims[k] ** 2 for k in key_irreps(embed)), abs=1e-12)
+    assert 0 < row["logit_key_fve"] <= row["logit_character_fve"] < 1
     cos = coset_metrics(ckpt)
     assert {"coset_left_stabilizer", "coset_left_stabilizer_baseline", "coset_right_alternating",
             "unembed_coset_left_stabilizer"} <= set(cos)
     assert cos == coset_metrics(ckpt)  # seeded
 
 
-def test_s5_checkpoint_rows_are_fast():
+def test_s5_checkpoint_rows_have_every_column():
+    """(Their speed is timed in benchmarks/analysis_speed.py, not here: a wall-clock bound flakes on a busy machine.)"""
     ckpt = perm_checkpoint(5)  # the default model: d_model 128, d_mlp 512
-    irrep_metrics(ckpt), coset_metrics(ckpt)  # warm the cached group
-    start = time.perf_counter()
     row = {**irrep_metrics(ckpt), **coset_metrics(ckpt)}
-    assert time.perf_counter() - start < 2.0
+    assert all(isinstance(v, float) and math.isfinite(v) for v in row.values())
     assert {"embed_fve_standard", "unembed_fve_sign", "n_key_irreps_embed", "logit_sim_standard",
             "coset_left_dihedral", "coset_left_dihedral_baseline"} <= set(row)
 

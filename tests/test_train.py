@@ -1,4 +1,3 @@
-import math
 import os
 import signal
 
@@ -107,10 +106,22 @@ def test_ctrl_c_saves_and_resumes(tmp_path, tiny):
 
 
 def test_resume_can_extend_the_budget(tmp_path, tiny):
-    train(tiny(steps=30), tmp_path / "run", device="cpu", progress=False)
+    """A 30-step run extended to 60 equals a run given 60 steps from the start, where both schedules checkpoint."""
+    short = train(tiny(steps=30), tmp_path / "run", device="cpu", progress=False).run
+    short_steps = short.steps
     longer = train(tiny(steps=60), tmp_path / "run", resume=True, device="cpu", progress=False)
     assert longer.step == 60 and longer.run.config.train.steps == 60
     assert longer.run.metrics.step.is_monotonic_increasing and longer.run.metrics.step.is_unique
+    whole = train(tiny(steps=60), tmp_path / "whole", device="cpu", progress=False).run
+    extended = longer.run
+    # the extension keeps the short run's checkpoints and then follows the longer schedule
+    assert set(short_steps) | {s for s in whole.steps if s > 30} == set(extended.steps)
+    for step in set(whole.steps) & set(extended.steps):
+        assert _weights_equal(extended.state_dict(step), whole.state_dict(step)), step
+    both = sorted(set(extended.metrics.step) & set(whole.metrics.step))
+    assert both[-1] == 60 and len(both) >= 12
+    assert _metrics_without_time(extended).loc[both].equals(
+        _metrics_without_time(whole).loc[both])
 
 
 def test_early_stop_after_patience(tmp_path, tiny):
@@ -135,7 +146,9 @@ def test_warmup_and_batches():
     assert sorted(epoch.tolist()) == list(range(100))  # one epoch covers the training set once
     assert torch.equal(batch_indices(100, 32, 7, 6), batch_indices(100, 32, 7, 6))
     assert not torch.equal(batch_indices(100, 32, 7, 1), batch_indices(100, 32, 8, 1))
-    assert math.ceil(100 / 32) == 4
+    assert [len(batch_indices(100, 32, 7, s)) for s in range(1, 6)] == [32, 32, 32, 4, 32]  # a short last batch
+    next_epoch = torch.cat([batch_indices(100, 32, 7, s) for s in range(5, 9)])
+    assert sorted(next_epoch.tolist()) == list(range(100)) and not torch.equal(next_epoch, epoch)  # reshuffled
 
 
 def test_a_permutation_task_trains(tmp_path, tiny):
