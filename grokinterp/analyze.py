@@ -2,13 +2,16 @@
 
 Rows are cached per checkpoint in ``analyses/<run>/.cache/<metric>.jsonl`` (appended as each step finishes, tagged
 with the metric's parameters), so re-running computes only new checkpoints and an interrupted analysis keeps what
-it finished. The CSV and HTML are written whole or not at all.
+it finished. One process at a time analyses a given run folder and metric (a lock), and the CSV and HTML are
+written whole or not at all.
 """
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +109,22 @@ def _read_cache(path: Path, key: str) -> dict[int, dict[str, Any]]:
     return rows
 
 
+@contextmanager
+def _exclusive(path: Path, what: str):
+    """Hold an exclusive lock on ``path`` (created if missing), waiting for another process that holds it: two
+    analyses of one run would each compute every row and append it to the cache."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is analysing %s; waiting for it, then using its rows", what)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _write_html(figures: list, path: Path, header: str = "") -> None:
     """One self-contained page (plotly.js inlined once) holding the figures."""
     parts = [fig.to_html(include_plotlyjs=(i == 0), full_html=False) for i, fig in enumerate(figures)]
@@ -169,40 +188,41 @@ def analyze(
     key = _params_key(params, seed)
     cache_path = out / ".cache" / f"{metric.name}.jsonl"
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    cached = _read_cache(cache_path, key)
-    todo = [s for s in chosen if s not in cached]
-    skipped: list[int] = []
-    bar = _bar(progress, len(todo), f"{run.name} {metric.name}")
-    with open(cache_path, "a") as cache_file:
-        for step in todo:
-            try:
-                ckpt = checkpoint(step)
-            except RunError as err:
-                if not skip_corrupt:
-                    raise
-                log.warning("skipping step %d: %s", step, err)
-                skipped.append(step)
-                continue
-            row = {"step": step, **metric.fn(ckpt, **params)}
-            cached[step] = row
-            cache_file.write(json.dumps({**row, "_key": key}) + "\n")
-            cache_file.flush()
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+    with _exclusive(cache_path.with_suffix(".lock"), f"{run.path} for {metric.name}"):
+        cached = _read_cache(cache_path, key)
+        todo = [s for s in chosen if s not in cached]
+        skipped: list[int] = []
+        bar = _bar(progress, len(todo), f"{run.name} {metric.name}")
+        with open(cache_path, "a") as cache_file:
+            for step in todo:
+                try:
+                    ckpt = checkpoint(step)
+                except RunError as err:
+                    if not skip_corrupt:
+                        raise
+                    log.warning("skipping step %d: %s", step, err)
+                    skipped.append(step)
+                    continue
+                row = {"step": step, **metric.fn(ckpt, **params)}
+                cached[step] = row
+                cache_file.write(json.dumps({**row, "_key": key}) + "\n")
+                cache_file.flush()
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
 
-    table = pd.DataFrame([cached[s] for s in sorted(cached)])
-    title = f"{run.name}: {metric.name}" + (f"  ({_describe_params(params)})" if params else "")
-    figures = [metric_figure(title, table, log_frame, phases)]
-    if metric.points is not None:
-        labels = snapshot_steps(sorted(cached), phases)  # only checkpoints that were read successfully
-        points = pd.DataFrame([{"step": step, **p} for step in labels
-                               for p in metric.points(checkpoint(step), **params)])
-        write_text_atomic(out / f"{metric.name}_points.csv", points.to_csv(index=False))
-        figures.append(points_figure(f"{run.name}: {metric.name} at the phase boundaries", points, labels))
-    write_text_atomic(csv_path, table.to_csv(index=False))
-    _write_html(figures, html_path)
+        table = pd.DataFrame([cached[s] for s in sorted(cached)])
+        title = f"{run.name}: {metric.name}" + (f"  ({_describe_params(params)})" if params else "")
+        figures = [metric_figure(title, table, log_frame, phases)]
+        if metric.points is not None:
+            labels = snapshot_steps(sorted(cached), phases)  # only checkpoints that were read successfully
+            points = pd.DataFrame([{"step": step, **p} for step in labels
+                                   for p in metric.points(checkpoint(step), **params)])
+            write_text_atomic(out / f"{metric.name}_points.csv", points.to_csv(index=False))
+            figures.append(points_figure(f"{run.name}: {metric.name} at the phase boundaries", points, labels))
+        write_text_atomic(csv_path, table.to_csv(index=False))
+        _write_html(figures, html_path)
     return AnalysisResult(metric.name, table, csv_path, html_path, len(todo) - len(skipped), skipped)
 
 
