@@ -1,4 +1,5 @@
 import hashlib
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -152,3 +153,102 @@ def test_permutation_runs_get_their_own_metrics(tiny_perm_run, tmp_path, capsys)
     irreps = pd.read_csv(tmp_path / "s4" / "irreps.csv")
     fve = irreps.filter(like="embed_fve_").drop(columns=[c for c in irreps if c.startswith("unembed")])
     assert fve.sum(axis=1).round(6).eq(1).all()  # the centred embedding decomposes fully over the irreps
+
+
+# -- the cache is keyed on what was analysed (issue 15, section 1) --------------------------------------------------
+
+def _tiny_run(path, **overrides):
+    from conftest import tiny_config
+
+    config = tiny_config(**{"steps": 10, "checkpoints": 2, "log_checkpoints": 0, **overrides})
+    train(config, path, device="cpu", progress=False)
+    return load_run(path)
+
+
+def _assert_own_norms(table: pd.DataFrame, run) -> None:
+    """The table holds exactly the run's checkpoints, with Σ‖θ‖² of the run's own weights."""
+    assert list(table.step) == run.steps
+    for step, total in zip(table.step, table.norm_sq_total):
+        expected = weight_norms(dict(run.model(int(step)).named_parameters()))["norm_sq_total"]
+        assert total == pytest.approx(expected, rel=1e-12), step
+
+
+def test_a_run_retrained_under_its_name_is_analysed_afresh(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    path = Path("checkpoints") / "r"
+    analyze(_tiny_run(path, model_seed=0), "weight-norm", progress=False)
+    shutil.rmtree(path)
+    second = _tiny_run(path, model_seed=1)
+    result = analyze(second, "weight-norm", progress=False)
+    assert result.computed == len(second.steps)
+    _assert_own_norms(pd.read_csv(result.csv_path), second)
+
+
+def _scaled_norm(scale: float):
+    from grokinterp.metrics.weights import weight_norm_metrics
+
+    def fn(ckpt, scale=scale):
+        return {"scaled": scale * weight_norm_metrics(ckpt)["norm_sq_total"]}
+
+    return fn
+
+
+def test_cached_rows_follow_every_effective_parameter_and_the_metrics_version(tiny_run, tmp_path, monkeypatch):
+    import dataclasses
+
+    base = METRICS["weight-norm"]
+    n = len(tiny_run.steps)
+
+    def run_with(fn, **changes):
+        monkeypatch.setitem(METRICS, "weight-norm", dataclasses.replace(base, fn=fn, **changes))
+        return analyze(tiny_run, "weight-norm", out_root=tmp_path, progress=False)
+
+    one = run_with(_scaled_norm(1.0))
+    two = run_with(_scaled_norm(2.0))  # only a default changed: the rows it served are stale
+    assert two.computed == n and list(two.table.scaled) == [2 * v for v in one.table.scaled]
+    assert run_with(_scaled_norm(2.0)).computed == 0
+    assert run_with(_scaled_norm(2.0), version=base.version + 1).computed == n
+    three = analyze(tiny_run, "weight-norm", out_root=tmp_path, progress=False, params={"scale": 3.0})
+    assert three.computed == n and list(three.table.scaled) == [3 * v for v in one.table.scaled]
+    with pytest.raises(AnalysisError, match="metric 'weight-norm' has no parameter 'sigma'; its parameters: scale"):
+        analyze(tiny_run, "weight-norm", out_root=tmp_path, progress=False, params={"sigma": 1.0})
+
+
+def test_a_cache_written_before_keys_is_never_trusted(tiny_run, tmp_path):
+    import json
+
+    from grokinterp.analyze import analysis_dir
+
+    cache = analysis_dir(tiny_run, tmp_path) / ".cache" / "weight-norm.jsonl"
+    cache.parent.mkdir(parents=True)
+    old_key = hashlib.sha1(json.dumps({"params": {}, "seed": 0}, sort_keys=True).encode()).hexdigest()[:12]
+    cache.write_text("".join(json.dumps({"step": s, "norm_sq_total": -1.0, "_key": old_key}) + "\n"
+                             for s in tiny_run.steps))
+    result = analyze(tiny_run, "weight-norm", out_root=tmp_path, progress=False)
+    assert result.computed == len(tiny_run.steps)
+    _assert_own_norms(pd.read_csv(result.csv_path), tiny_run)
+
+
+def test_a_torn_cache_line_costs_only_itself(tiny_run, tmp_path):
+    from grokinterp.analyze import analysis_dir
+
+    analyze(tiny_run, "weight-norm", steps="0:1", out_root=tmp_path, progress=False)
+    cache = analysis_dir(tiny_run, tmp_path) / ".cache" / "weight-norm.jsonl"
+    with open(cache, "a") as f:
+        f.write('{"key": {"format": 2, "ru')  # what a process killed mid-write leaves
+    assert analyze(tiny_run, "weight-norm", out_root=tmp_path, progress=False).computed == len(tiny_run.steps) - 2
+    assert analyze(tiny_run, "weight-norm", out_root=tmp_path, progress=False).computed == 0
+
+
+def test_every_metric_names_its_version_and_json_parameters():
+    import json
+
+    from grokinterp.analyze import effective_params
+
+    for name, metric in METRICS.items():
+        assert isinstance(metric.version, int) and metric.version >= 1, name
+        if metric.fn is not None:
+            json.dumps(effective_params(metric))  # every default can go into the cache key
+    assert effective_params(METRICS["sharpness"])["max_rows"] == 1024  # defaults are part of it
