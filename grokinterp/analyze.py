@@ -1,7 +1,8 @@
 """Run a registered metric over a run's checkpoints and write ``analyses/<run>/<metric>.csv`` plus a figure.
 
-Rows are cached per checkpoint in ``analyses/<run>/.cache/<metric>.jsonl``, appended as each step finishes, so
-re-running computes only new checkpoints and an interrupted analysis keeps what it finished. A cached row is used only when its key matches what
+``<run>`` is the run's path under ``checkpoints/`` (``analysis_dir``). Rows are cached per checkpoint in
+``analyses/<run>/.cache/<metric>.jsonl``, appended as each step finishes, so re-running computes only new
+checkpoints and an interrupted analysis keeps what it finished. A cached row is used only when its key matches what
 is being analysed: the run's identity, the checkpoint's weights digest, the metric's version, its effective
 parameters (defaults included) and the seed; anything else (another run's rows, an older format) is recomputed.
 One process at a time analyses a given run folder and metric (a lock), and the CSV and HTML are written whole or
@@ -21,12 +22,13 @@ from typing import Any
 
 import pandas as pd
 
-from grokinterp.checkpoints import Run, RunError, write_text_atomic
+from grokinterp.checkpoints import DEFAULT_ROOT, Run, RunError, write_text_atomic
 from grokinterp.errors import AnalysisError
 from grokinterp.metrics import METRICS, Metric
 from grokinterp.metrics.base import Checkpoint
 from grokinterp.metrics.phases import Phases, phases_from_log
 from grokinterp.plots import metric_figure, points_figure, training_figure
+from grokinterp.sweep import MANIFEST_FILE
 from grokinterp.tasks import OPERATIONS
 
 log = logging.getLogger(__name__)
@@ -199,8 +201,19 @@ def snapshot_steps(available: list[int], phases: Phases) -> dict[int, str]:
     return dict(sorted(out.items()))
 
 
-def analysis_dir(run: Run, out_root: str | os.PathLike = DEFAULT_ANALYSES) -> Path:
-    return Path(out_root) / run.name
+def analysis_dir(run: Run | str | os.PathLike, out_root: str | os.PathLike = DEFAULT_ANALYSES) -> Path:
+    """Where the analyses of a run (or a sweep folder) go: its path under ``checkpoints/``, so that
+    ``checkpoints/swA/frac0.30_wd1_seed0`` -> ``analyses/swA/frac0.30_wd1_seed0``. A folder outside
+    ``checkpoints/`` gets its name and a short digest of its absolute path (``/data/r`` -> ``analyses/r-1a2b3c4d``),
+    and a sweep's members go inside their sweep's folder, beside its data-efficiency table (``/data/sw/m`` ->
+    ``analyses/sw-5e6f7a8b/m``). Two runs of one name never share a folder."""
+    path = Path(run.path if isinstance(run, Run) else run).resolve()
+    if (path.parent / MANIFEST_FILE).is_file():
+        return analysis_dir(path.parent, out_root) / path.name
+    root = DEFAULT_ROOT.resolve()
+    if path != root and path.is_relative_to(root):
+        return Path(out_root) / path.relative_to(root)
+    return Path(out_root) / f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
 
 
 def analyze(
