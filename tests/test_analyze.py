@@ -215,6 +215,17 @@ def test_runs_of_one_name_in_two_folders_keep_their_own_tables(tmp_path):
     _assert_own_norms(pd.read_csv(second.csv_path), b)
 
 
+def test_a_run_resumed_with_a_larger_budget_keeps_its_cached_rows(tmp_path):
+    run = _tiny_run(tmp_path / "r", steps=10)
+    before = set(run.steps)
+    analyze(run, "weight-norm", out_root=tmp_path / "analyses", progress=False)
+    train(run.config.replace(steps=20), run.path, resume=True, device="cpu", progress=False)
+    run = load_run(run.path)  # config.json now says steps=20: only the budget changed, not the run
+    result = analyze(run, "weight-norm", out_root=tmp_path / "analyses", progress=False)
+    assert result.computed == len(set(run.steps) - before) > 0
+    _assert_own_norms(pd.read_csv(result.csv_path), run)
+
+
 def _scaled_norm(scale: float):
     from grokinterp.metrics.weights import weight_norm_metrics
 
