@@ -1,32 +1,44 @@
 """Run a registered metric over a run's checkpoints and write ``analyses/<run>/<metric>.csv`` plus a figure.
 
-Rows are cached per checkpoint in ``analyses/<run>/.cache/<metric>.jsonl`` (appended as each step finishes, tagged
-with the metric's parameters), so re-running computes only new checkpoints and an interrupted analysis keeps what
-it finished. The CSV and HTML are written whole or not at all.
+``<run>`` is the run's path under ``checkpoints/`` (``analysis_dir``). Rows are cached per checkpoint in
+``analyses/<run>/.cache/<metric>.jsonl``, appended as each step finishes, so re-running computes only new
+checkpoints and an interrupted analysis keeps what it finished. A cached row is used only when its key matches what
+is being analysed: the run's identity, the checkpoint's weights digest, the metric's version, its effective
+parameters (defaults included) and the seed; anything else (another run's rows, an older format) is recomputed.
+One process at a time analyses a given run folder and metric (a lock), and the CSV and HTML are written whole or
+not at all.
 """
 
+import fcntl
 import hashlib
+import inspect
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from grokinterp.checkpoints import Run, RunError, write_text_atomic
+from grokinterp.checkpoints import DEFAULT_ROOT, Run, RunError, write_text_atomic
 from grokinterp.errors import AnalysisError
 from grokinterp.metrics import METRICS, Metric
 from grokinterp.metrics.base import Checkpoint
 from grokinterp.metrics.phases import Phases, phases_from_log
 from grokinterp.plots import metric_figure, points_figure, training_figure
+from grokinterp.sweep import MANIFEST_FILE
 from grokinterp.tasks import OPERATIONS
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ANALYSES = Path("analyses")
-
+CACHE_FORMAT = 2
+"""Format of a cache line, part of its key: lines of format 1 (a bare hash of the parameters, with no run or
+weights in it) matched another run's rows and are never trusted."""
+BUDGET_FIELDS = ("steps", "stop_val_acc", "stop_patience")
+"""Config fields `train --resume` may change; they are left out of a run's identity (see ``run_identity``)."""
 
 
 @dataclass
@@ -87,23 +99,86 @@ def select_steps(available: list[int], spec: str | None) -> list[int]:
     return sorted(chosen)
 
 
-def _params_key(params: dict[str, Any], seed: int) -> str:
-    text = json.dumps({"params": params, "seed": seed}, sort_keys=True)
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
+def run_identity(run: Run) -> str:
+    """SHA-256 of what the run is: its config and its task table with the split (the data file's stored digest).
+
+    The budget and stop rule (``BUDGET_FIELDS``) are left out: ``train --resume --steps N`` rewrites them without
+    touching a checkpoint, and must not throw away a long analysis. What training did is pinned anyway by each
+    checkpoint's own weights digest, the other half of a cache row's key."""
+    config = run.config.to_dict()
+    config["train"] = {k: v for k, v in config["train"].items() if k not in BUDGET_FIELDS}
+    text = json.dumps({"config": config, "table": run.data_digest()}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _read_cache(path: Path, key: str) -> dict[int, dict[str, Any]]:
+def _parameter_names(fn) -> list[str]:
+    """Every parameter of a metric function after the checkpoint."""
+    return list(inspect.signature(fn).parameters)[1:]
+
+
+def effective_params(metric: Metric, prepared: dict[str, Any] | None = None,
+                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The parameters ``metric.fn`` is called with: its own defaults, then what ``prepare`` computed for the run,
+    then ``overrides``. Defaults are spelled out so that changing one in the code changes the cache key."""
+    names = _parameter_names(metric.fn)
+    unknown = [k for k in overrides or {} if k not in names]
+    if unknown:
+        raise AnalysisError(f"metric {metric.name!r} has no parameter {unknown[0]!r}; its parameters: "
+                            f"{', '.join(names) or 'none'}")
+    defaults = {name: p.default for name, p in inspect.signature(metric.fn).parameters.items()
+                if name in names and p.default is not inspect.Parameter.empty}
+    return {**defaults, **(prepared or {}), **(overrides or {})}
+
+
+def _accepted(fn, params: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``params`` that ``fn`` takes (a metric's ``points`` takes fewer than its ``fn``)."""
+    names = _parameter_names(fn)
+    return {k: v for k, v in params.items() if k in names}
+
+
+def _canonical(key: dict[str, Any]) -> str:
+    return json.dumps(key, sort_keys=True)
+
+
+def _read_cache(path: Path, key: dict[str, Any], digests: dict[int, str]) -> dict[int, dict[str, Any]]:
+    """Cached rows, by step, whose key is ``key`` plus that step's weights digest; every other line is ignored."""
     if not path.exists():
         return {}
     rows = {}
     for line in path.read_text().splitlines():
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line from an interrupted analysis
-        if row.pop("_key", None) == key:
-            rows[int(row["step"])] = row
+            entry = json.loads(line)
+            step, stored = int(entry["row"]["step"]), entry["key"]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue  # a torn line from an interrupted analysis, or a line of an older format
+        if step in digests and _canonical(stored) == _canonical({**key, "weights": digests[step]}):
+            rows[step] = entry["row"]
     return rows
+
+
+def _ends_a_line(path: Path) -> bool:
+    """Whether the file is empty or ends with a newline."""
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+@contextmanager
+def _exclusive(path: Path, what: str):
+    """Hold an exclusive lock on ``path`` (created if missing), waiting for another process that holds it: two
+    analyses of one run would each compute every row and append it to the cache."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is analysing %s; waiting for it, then using its rows", what)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _write_html(figures: list, path: Path, header: str = "") -> None:
@@ -126,8 +201,19 @@ def snapshot_steps(available: list[int], phases: Phases) -> dict[int, str]:
     return dict(sorted(out.items()))
 
 
-def analysis_dir(run: Run, out_root: str | os.PathLike = DEFAULT_ANALYSES) -> Path:
-    return Path(out_root) / run.name
+def analysis_dir(run: Run | str | os.PathLike, out_root: str | os.PathLike = DEFAULT_ANALYSES) -> Path:
+    """Where the analyses of a run (or a sweep folder) go: its path under ``checkpoints/``, so that
+    ``checkpoints/swA/frac0.30_wd1_seed0`` -> ``analyses/swA/frac0.30_wd1_seed0``. A folder outside
+    ``checkpoints/`` gets its name and a short digest of its absolute path (``/data/r`` -> ``analyses/r-1a2b3c4d``),
+    and a sweep's members go inside their sweep's folder, beside its data-efficiency table (``/data/sw/m`` ->
+    ``analyses/sw-5e6f7a8b/m``). Two runs of one name never share a folder."""
+    path = Path(run.path if isinstance(run, Run) else run).resolve()
+    if (path.parent / MANIFEST_FILE).is_file():
+        return analysis_dir(path.parent, out_root) / path.name
+    root = DEFAULT_ROOT.resolve()
+    if path != root and path.is_relative_to(root):
+        return Path(out_root) / path.relative_to(root)
+    return Path(out_root) / f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
 
 
 def analyze(
@@ -138,10 +224,12 @@ def analyze(
     out_root: str | os.PathLike = DEFAULT_ANALYSES,
     device: str = "cpu",
     seed: int = 0,
+    params: dict[str, Any] | None = None,
     skip_corrupt: bool = False,
     progress: bool = True,
 ) -> AnalysisResult:
-    """Compute ``metric_name`` on the selected checkpoints of ``run``; write its table and figure."""
+    """Compute ``metric_name`` on the selected checkpoints of ``run``; write its table and figure. ``params``
+    overrides the metric function's keyword parameters (see ``effective_params``)."""
     metric = get_metric(metric_name, run)
     log_rows = run.store.read_metrics()
     phases = phases_from_log(log_rows)
@@ -150,6 +238,8 @@ def analyze(
     csv_path, html_path = out / f"{metric.name}.csv", out / f"{metric.name}.html"
 
     if metric.fn is None:  # phases: a table of boundaries, and the training curves with them shaded
+        if params:
+            raise AnalysisError(f"metric {metric.name!r} has no parameters; drop {', '.join(params)}")
         table = pd.DataFrame([phases.as_row()])
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(csv_path, table.to_csv(index=False))
@@ -160,50 +250,73 @@ def analyze(
     if not available:
         raise AnalysisError(f"run {run.name} has no checkpoints yet")
     chosen = select_steps(available, steps)
+    overrides = params or {}
+    effective_params(metric, overrides=overrides)  # refuse an unknown parameter before any work
     data = run.data.to(device)
 
     def checkpoint(step: int) -> Checkpoint:
         return Checkpoint(step=step, model=run.model(step, device=device), data=data, config=run.config, seed=seed)
 
-    params = metric.prepare(checkpoint(available[-1])) if metric.prepare else {}
-    key = _params_key(params, seed)
+    prepared = metric.prepare(checkpoint(available[-1])) if metric.prepare else {}
+    params = effective_params(metric, prepared, overrides)
+    key = {"format": CACHE_FORMAT, "run": run_identity(run), "metric": metric.name, "version": metric.version,
+           "params": params, "seed": seed}
     cache_path = out / ".cache" / f"{metric.name}.jsonl"
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    cached = _read_cache(cache_path, key)
-    todo = [s for s in chosen if s not in cached]
     skipped: list[int] = []
-    bar = _bar(progress, len(todo), f"{run.name} {metric.name}")
-    with open(cache_path, "a") as cache_file:
-        for step in todo:
-            try:
-                ckpt = checkpoint(step)
-            except RunError as err:
-                if not skip_corrupt:
-                    raise
-                log.warning("skipping step %d: %s", step, err)
-                skipped.append(step)
-                continue
-            row = {"step": step, **metric.fn(ckpt, **params)}
-            cached[step] = row
-            cache_file.write(json.dumps({**row, "_key": key}) + "\n")
-            cache_file.flush()
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
 
-    table = pd.DataFrame([cached[s] for s in sorted(cached)])
-    title = f"{run.name}: {metric.name}" + (f"  ({_describe_params(params)})" if params else "")
-    figures = [metric_figure(title, table, log_frame, phases)]
-    if metric.points is not None:
-        labels = snapshot_steps(sorted(cached), phases)  # only checkpoints that were read successfully
-        points = pd.DataFrame([{"step": step, **p} for step in labels
-                               for p in metric.points(checkpoint(step), **params)])
-        write_text_atomic(out / f"{metric.name}_points.csv", points.to_csv(index=False))
-        figures.append(points_figure(f"{run.name}: {metric.name} at the phase boundaries", points, labels))
-    write_text_atomic(csv_path, table.to_csv(index=False))
-    _write_html(figures, html_path)
-    return AnalysisResult(metric.name, table, csv_path, html_path, len(todo) - len(skipped), skipped)
+    def skip(step: int, err: RunError) -> None:
+        if not skip_corrupt:
+            raise err
+        log.warning("skipping step %d: %s", step, err)
+        skipped.append(step)
+
+    with _exclusive(cache_path.with_suffix(".lock"), f"{run.path} for {metric.name}"):
+        digests: dict[int, str] = {}
+        wanted = set(chosen)
+        for step in available:
+            try:
+                digests[step] = run.weights_digest(step)
+            except RunError as err:
+                if step in wanted:
+                    skip(step, err)  # an unselected step with a bad header is simply not in the table
+        cached = _read_cache(cache_path, key, digests)
+        todo = [s for s in chosen if s not in cached and s in digests]
+        bar = _bar(progress, len(todo), f"{run.name} {metric.name}")
+        computed = 0
+        with open(cache_path, "a") as cache_file:
+            if not _ends_a_line(cache_path):
+                cache_file.write("\n")  # end a killed writer's torn line, so the next row starts on its own line
+            for step in todo:
+                try:
+                    ckpt = checkpoint(step)
+                except RunError as err:
+                    skip(step, err)
+                    continue
+                row = {"step": step, **metric.fn(ckpt, **params)}
+                cached[step] = row
+                computed += 1
+                cache_file.write(json.dumps({"key": {**key, "weights": digests[step]}, "row": row}) + "\n")
+                cache_file.flush()
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+
+        # every checkpoint of this run with a row for this key, also those computed by an earlier --steps
+        table = pd.DataFrame([cached[s] for s in sorted(cached)])
+        shown = {**prepared, **overrides}  # not every default: sharpness alone has fifteen
+        title = f"{run.name}: {metric.name}" + (f"  ({_describe_params(shown)})" if shown else "")
+        figures = [metric_figure(title, table, log_frame, phases)]
+        if metric.points is not None:
+            labels = snapshot_steps(sorted(cached), phases)  # only checkpoints that were read successfully
+            points = pd.DataFrame([{"step": step, **p} for step in labels
+                                   for p in metric.points(checkpoint(step), **_accepted(metric.points, params))])
+            write_text_atomic(out / f"{metric.name}_points.csv", points.to_csv(index=False))
+            figures.append(points_figure(f"{run.name}: {metric.name} at the phase boundaries", points, labels))
+        write_text_atomic(csv_path, table.to_csv(index=False))
+        _write_html(figures, html_path)
+    return AnalysisResult(metric.name, table, csv_path, html_path, computed, skipped)
 
 
 def _describe_params(params: dict[str, Any]) -> str:
@@ -224,7 +337,7 @@ def phases_of(run: Run) -> Phases:
 
 def report(run: Run, out_root: str | os.PathLike = DEFAULT_ANALYSES) -> Path:
     """One HTML page: the training curves, then every metric already computed for the run (its CSV under
-    analyses/<run>/), on the same log-scaled step axis with the phases shaded."""
+    ``analysis_dir(run)``), on the same log-scaled step axis with the phases shaded."""
     out = analysis_dir(run, out_root)
     log_frame = pd.DataFrame(run.store.read_metrics())
     phases = phases_of(run)

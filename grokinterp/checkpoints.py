@@ -312,6 +312,17 @@ def _read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
+def stored_digest(file: Path) -> str:
+    """The SHA-256 of a safetensors file's tensors, read from its header; computed from the tensors for a file
+    written before the digest was stored."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            digest = (f.metadata() or {}).get("sha256")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise RunError(f"{file} is corrupt or truncated ({_first_line(err)})") from None
+    return digest if digest is not None else _digest(_read_tensors(file)[0])
+
+
 def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
@@ -409,6 +420,18 @@ class Run:
     @property
     def trainer_state(self) -> TrainerState | None:
         return self.store.read_trainer_state()
+
+    def weights_digest(self, step: int) -> str:
+        """SHA-256 of the weights at ``step``, as written with them: names a checkpoint's contents (e.g. in the
+        analysis cache's key) without loading its tensors."""
+        file = self.path / WEIGHTS_DIR / weights_name(step)
+        if not file.exists():
+            raise RunError(f"no checkpoint at step {step} in {self.path}; available: {_describe_steps(self.steps)}")
+        return stored_digest(file)
+
+    def data_digest(self) -> str:
+        """SHA-256 of the task table and split, as written with them."""
+        return stored_digest(self.store._require(DATA_FILE))
 
 
 def load_run(path: str | os.PathLike) -> Run:

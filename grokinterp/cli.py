@@ -201,6 +201,7 @@ def _fmt(step) -> str:
 def cmd_sweep(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from grokinterp.analyze import analysis_dir
     from grokinterp.sweep import (  # heavy imports only when training
         check_stackable,
         member_name,
@@ -241,7 +242,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     interrupted = [r for r in results if r.stop_reason == "interrupted"]
     if results:
         table, csv_path, html_path = write_data_efficiency(
-            [r.run for r in results], Path(args.analyses_out) / name, f"{name}: steps to 99% validation accuracy")
+            [r.run for r in results], analysis_dir(folder, args.analyses_out),
+            f"{name}: steps to 99% validation accuracy")
         header = ("frac", "wd", "seed", "val 99%", "steps")
         rows = [(f"{r.frac_train:g}", f"{r.weight_decay:g}", str(r.seed),
                  _fmt(None if pd.isna(r.val_99_step) else int(r.val_99_step)), str(r.steps_trained))

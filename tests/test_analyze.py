@@ -1,10 +1,11 @@
 import hashlib
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from grokinterp.analyze import analyze, select_steps
+from grokinterp.analyze import analysis_dir, analyze, select_steps
 from grokinterp.checkpoints import load_run
 from grokinterp.cli import main
 from grokinterp.errors import AnalysisError, RunError
@@ -112,26 +113,28 @@ def test_corrupt_checkpoint_is_named_or_skipped(tiny_run, tmp_path):
     (copy / "weights" / f"step_{bad:07d}.safetensors").write_bytes(b"garbage")
     with pytest.raises(RunError, match=f"step_{bad:07d}.safetensors is corrupt or truncated"):
         analyze(run, "weight-norm", out_root=tmp_path / "a", progress=False)
-    assert not (tmp_path / "a" / "copy" / "weight-norm.csv").exists()  # no partial output
+    assert not (analysis_dir(run, tmp_path / "a") / "weight-norm.csv").exists()  # no partial output
     result = analyze(run, "weight-norm", out_root=tmp_path / "a", progress=False, skip_corrupt=True)
     assert result.skipped == [bad] and bad not in list(result.table.step)
     assert len(result.table) == len(run.steps) - 1
     (copy / "weights" / f"step_{run.steps[0]:07d}.safetensors").write_bytes(b"")  # the init snapshot is gone too
     circles = analyze(run, "circles", out_root=tmp_path / "a", progress=False, skip_corrupt=True)
-    points = pd.read_csv(tmp_path / "a" / "copy" / "circles_points.csv")
+    points = pd.read_csv(analysis_dir(run, tmp_path / "a") / "circles_points.csv")
     assert len(circles.skipped) == 2 and not set(points.step) & {run.steps[0], bad}
 
 
 def test_report_and_cli(tiny_run, tmp_path, capsys):
     out = tmp_path / "analyses"
     assert main(["analyze", str(tiny_run.path), "--metric", "all", "--out", str(out), "--no-progress"]) == 0
+    folder = analysis_dir(tiny_run, out)
+    assert folder.parent == out and folder.name.startswith("tiny-")  # outside ./checkpoints: name and a digest
     for name in ("phases", "weight-norm", "fourier", "circles"):
-        assert (out / tiny_run.name / f"{name}.csv").exists() and (out / tiny_run.name / f"{name}.html").exists()
-    points = pd.read_csv(out / tiny_run.name / "circles_points.csv")
+        assert (folder / f"{name}.csv").exists() and (folder / f"{name}.html").exists()
+    points = pd.read_csv(folder / "circles_points.csv")
     assert points.step.min() == 0 and points.step.max() == tiny_run.steps[-1]  # snapshots from init to the end
     assert set(points.token) == set(range(11)) and "t-SNE of W_U columns" in set(points.panel)
     assert main(["report", str(tiny_run.path), "--out", str(out)]) == 0
-    page = (out / tiny_run.name / "report.html").read_text()
+    page = (folder / "report.html").read_text()
     assert page.count("<div") > 4 and "weight-norm" in page and "fourier" in page
     capsys.readouterr()
     assert main(["analyze", str(tiny_run.path), "--metric", "nope", "--out", str(out)]) == 2
@@ -144,11 +147,148 @@ def test_permutation_runs_get_their_own_metrics(tiny_perm_run, tmp_path, capsys)
     assert err == ("grokinterp: error: metric 'fourier' applies to mod tasks, but run s4 is perm_mul (perm); "
                    "choose another metric")
     assert main(["analyze", str(tiny_perm_run.path), "--metric", "all", "--out", str(tmp_path), "--no-progress"]) == 0
+    folder = analysis_dir(tiny_perm_run, tmp_path)
     for name in ("phases", "weight-norm", "cosets", "irreps"):
-        assert (tmp_path / "s4" / f"{name}.csv").exists()
-    points = pd.read_csv(tmp_path / "s4" / "cosets_points.csv")
+        assert (folder / f"{name}.csv").exists()
+    points = pd.read_csv(folder / "cosets_points.csv")
     assert set(points.token) == set(range(24)) and points.panel.nunique() == 2  # left and right cosets of Stab(3)
     assert (points.groupby(["step", "panel"]).colour.nunique() == 4).all()  # 4 cosets of S3 in S4
-    irreps = pd.read_csv(tmp_path / "s4" / "irreps.csv")
+    irreps = pd.read_csv(folder / "irreps.csv")
     fve = irreps.filter(like="embed_fve_").drop(columns=[c for c in irreps if c.startswith("unembed")])
     assert fve.sum(axis=1).round(6).eq(1).all()  # the centred embedding decomposes fully over the irreps
+
+
+# -- the cache is keyed on what was analysed (issue 15, section 1) --------------------------------------------------
+
+def _tiny_run(path, **overrides):
+    from conftest import tiny_config
+
+    config = tiny_config(**{"steps": 10, "checkpoints": 2, "log_checkpoints": 0, **overrides})
+    train(config, path, device="cpu", progress=False)
+    return load_run(path)
+
+
+def _assert_own_norms(table: pd.DataFrame, run) -> None:
+    """The table holds exactly the run's checkpoints, with Σ‖θ‖² of the run's own weights."""
+    assert list(table.step) == run.steps
+    for step, total in zip(table.step, table.norm_sq_total):
+        expected = weight_norms(dict(run.model(int(step)).named_parameters()))["norm_sq_total"]
+        assert total == pytest.approx(expected, rel=1e-12), step
+
+
+def test_two_sweep_members_with_one_name_get_their_own_numbers_and_folders(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    member = "frac0.30_wd1_seed0"
+    runs = {"swA": _tiny_run(Path("checkpoints/swA") / member, p=11),
+            "swB": _tiny_run(Path("checkpoints/swB") / member, p=13)}
+    for sweep, run in runs.items():
+        capsys.readouterr()
+        assert main(["analyze", f"{sweep}/{member}", "--metric", "weight-norm", "--no-progress"]) == 0
+        assert f"weight-norm: {len(run.steps)} checkpoint(s) computed, 0 from cache" in capsys.readouterr().out
+        assert main(["report", f"{sweep}/{member}"]) == 0
+    for sweep, run in runs.items():
+        folder = Path("analyses") / sweep / member
+        _assert_own_norms(pd.read_csv(folder / "weight-norm.csv"), run)
+        assert "weight-norm" in (folder / "report.html").read_text()
+
+
+def test_a_run_retrained_under_its_name_is_analysed_afresh(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    path = Path("checkpoints") / "r"
+    analyze(_tiny_run(path, model_seed=0), "weight-norm", progress=False)
+    shutil.rmtree(path)
+    second = _tiny_run(path, model_seed=1)
+    result = analyze(second, "weight-norm", progress=False)
+    assert result.computed == len(second.steps)
+    _assert_own_norms(pd.read_csv(result.csv_path), second)
+
+
+def test_runs_of_one_name_in_two_folders_keep_their_own_tables(tmp_path):
+    a = _tiny_run(tmp_path / "dirA" / "r", steps=10)
+    b = _tiny_run(tmp_path / "dirB" / "r", steps=20, checkpoints=4, model_seed=1)
+    out = tmp_path / "analyses"
+    first, second = (analyze(run, "weight-norm", out_root=out, progress=False) for run in (a, b))
+    assert second.computed == len(b.steps) and first.csv_path.parent != second.csv_path.parent
+    _assert_own_norms(pd.read_csv(first.csv_path), a)
+    _assert_own_norms(pd.read_csv(second.csv_path), b)
+
+
+def test_a_run_resumed_with_a_larger_budget_keeps_its_cached_rows(tmp_path):
+    run = _tiny_run(tmp_path / "r", steps=10)
+    before = set(run.steps)
+    analyze(run, "weight-norm", out_root=tmp_path / "analyses", progress=False)
+    train(run.config.replace(steps=20), run.path, resume=True, device="cpu", progress=False)
+    run = load_run(run.path)  # config.json now says steps=20: only the budget changed, not the run
+    result = analyze(run, "weight-norm", out_root=tmp_path / "analyses", progress=False)
+    assert result.computed == len(set(run.steps) - before) > 0
+    _assert_own_norms(pd.read_csv(result.csv_path), run)
+
+
+def _scaled_norm(scale: float):
+    from grokinterp.metrics.weights import weight_norm_metrics
+
+    def fn(ckpt, scale=scale):
+        return {"scaled": scale * weight_norm_metrics(ckpt)["norm_sq_total"]}
+
+    return fn
+
+
+def test_cached_rows_follow_every_effective_parameter_and_the_metrics_version(tiny_run, tmp_path, monkeypatch):
+    import dataclasses
+
+    base = METRICS["weight-norm"]
+    n = len(tiny_run.steps)
+
+    def run_with(fn, **changes):
+        monkeypatch.setitem(METRICS, "weight-norm", dataclasses.replace(base, fn=fn, **changes))
+        return analyze(tiny_run, "weight-norm", out_root=tmp_path, progress=False)
+
+    one = run_with(_scaled_norm(1.0))
+    two = run_with(_scaled_norm(2.0))  # only a default changed: the rows it served are stale
+    assert two.computed == n and list(two.table.scaled) == [2 * v for v in one.table.scaled]
+    assert run_with(_scaled_norm(2.0)).computed == 0
+    assert run_with(_scaled_norm(2.0), version=base.version + 1).computed == n
+    three = analyze(tiny_run, "weight-norm", out_root=tmp_path, progress=False, params={"scale": 3.0})
+    assert three.computed == n and list(three.table.scaled) == [3 * v for v in one.table.scaled]
+    with pytest.raises(AnalysisError, match="metric 'weight-norm' has no parameter 'sigma'; its parameters: scale"):
+        analyze(tiny_run, "weight-norm", out_root=tmp_path, progress=False, params={"sigma": 1.0})
+
+
+def test_a_cache_written_before_keys_is_never_trusted(tiny_run, tmp_path):
+    import json
+
+    from grokinterp.analyze import analysis_dir
+
+    cache = analysis_dir(tiny_run, tmp_path) / ".cache" / "weight-norm.jsonl"
+    cache.parent.mkdir(parents=True)
+    old_key = hashlib.sha1(json.dumps({"params": {}, "seed": 0}, sort_keys=True).encode()).hexdigest()[:12]
+    cache.write_text("".join(json.dumps({"step": s, "norm_sq_total": -1.0, "_key": old_key}) + "\n"
+                             for s in tiny_run.steps))
+    result = analyze(tiny_run, "weight-norm", out_root=tmp_path, progress=False)
+    assert result.computed == len(tiny_run.steps)
+    _assert_own_norms(pd.read_csv(result.csv_path), tiny_run)
+
+
+def test_a_torn_cache_line_costs_only_itself(tiny_run, tmp_path):
+    from grokinterp.analyze import analysis_dir
+
+    analyze(tiny_run, "weight-norm", steps="0:1", out_root=tmp_path, progress=False)
+    cache = analysis_dir(tiny_run, tmp_path) / ".cache" / "weight-norm.jsonl"
+    with open(cache, "a") as f:
+        f.write('{"key": {"format": 2, "ru')  # what a process killed mid-write leaves
+    assert analyze(tiny_run, "weight-norm", out_root=tmp_path, progress=False).computed == len(tiny_run.steps) - 2
+    assert analyze(tiny_run, "weight-norm", out_root=tmp_path, progress=False).computed == 0
+
+
+def test_every_metric_names_its_version_and_json_parameters():
+    import json
+
+    from grokinterp.analyze import effective_params
+
+    for name, metric in METRICS.items():
+        assert isinstance(metric.version, int) and metric.version >= 1, name
+        if metric.fn is not None:
+            json.dumps(effective_params(metric))  # every default can go into the cache key
+    assert effective_params(METRICS["sharpness"])["max_rows"] == 1024  # defaults are part of it

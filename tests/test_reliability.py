@@ -265,3 +265,45 @@ def test_every_torch_load_in_the_package_refuses_pickled_code():
     assert calls, "the trainer state is read with torch.load somewhere in the package"
     assert not any(isinstance(node, ast.Name) and node.id == "pickle" for file in Path(grokinterp.__file__).parent
                    .rglob("*.py") for node in ast.walk(ast.parse(file.read_text()))), "the package uses pickle"
+
+
+_SLOW_ANALYSIS = """
+import dataclasses, sys, time
+from pathlib import Path
+from grokinterp.cli import main
+from grokinterp.metrics import METRICS
+
+metric = METRICS["weight-norm"]
+def slow(ckpt):  # long enough that the two processes overlap
+    time.sleep(0.2)
+    return metric.fn(ckpt)
+METRICS["weight-norm"] = dataclasses.replace(metric, fn=slow)
+Path(sys.argv[1]).touch()
+while not Path(sys.argv[2]).exists():  # start both analyses at the same moment
+    time.sleep(0.01)
+sys.exit(main(["analyze", sys.argv[3], "--metric", "weight-norm", "--out", sys.argv[4], "--no-progress"]))
+"""
+
+
+def test_concurrent_analyses_of_one_run_leave_one_row_per_checkpoint(tmp_path, tiny):
+    import pandas as pd
+
+    from grokinterp.analyze import analysis_dir
+
+    run = train(tiny(steps=20, checkpoints=4, log_checkpoints=2), tmp_path / "r", device="cpu", progress=False).run
+    out, go = tmp_path / "analyses", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _SLOW_ANALYSIS, str(tmp_path / f"ready{i}"), str(go),
+                               str(run.path), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    go.touch()
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    n = len(run.steps)
+    reports = sorted(o.split("weight-norm: ")[1].split(" checkpoint")[0] for o, _ in outputs)
+    assert reports == ["0", str(n)]  # the second waited for the first and took its rows
+    folder = analysis_dir(run, out)
+    assert list(pd.read_csv(folder / "weight-norm.csv").step) == run.steps
+    assert len((folder / ".cache" / "weight-norm.jsonl").read_text().splitlines()) == n

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+from grokinterp.analyze import analysis_dir
 from grokinterp.checkpoints import RunStore, load_run
 from grokinterp.cli import main
 from grokinterp.config import ConfigError
@@ -228,15 +229,17 @@ def test_sweep_end_to_end(tmp_path, capsys):
     assert run.config.task.frac_train == 0.7 and run.config.model.model_seed == 1 == run.config.task.data_seed
     assert run.steps[-1] == 40 and run.metrics.train_acc.iloc[-1] == 1.0
 
-    table = pd.read_csv(analyses / "grid" / "data_efficiency.csv")
+    folder = analysis_dir(out / "grid", analyses)  # beside the members' own analyses
+    assert folder == analysis_dir(out / "grid" / names[0], analyses).parent
+    table = pd.read_csv(folder / "data_efficiency.csv")
     assert sorted(table.run) == names and set(table.steps_trained) == {40}
-    html = (analyses / "grid" / "data_efficiency.html").read_text()
+    html = (folder / "data_efficiency.html").read_text()
     assert "steps to 99% validation accuracy" in html and len(html) > 1_000_000  # plotly.js inlined
     lines = stdout.splitlines()
     assert lines[1].split() == ["frac", "wd", "seed", "val", "99%", "steps"]
     assert [line.split()[:3] for line in lines[2:6]] == [["0.5", "1", "0"], ["0.5", "1", "1"], ["0.7", "1", "0"],
                                                          ["0.7", "1", "1"]]
-    assert str(analyses / "grid" / "data_efficiency.html") in stdout
+    assert str(folder / "data_efficiency.html") in stdout
 
     assert main(["runs", str(out / "grid")]) == 0
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]] == names

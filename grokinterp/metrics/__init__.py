@@ -3,10 +3,13 @@
 A per-checkpoint metric is a pure function ``(Checkpoint, **params) -> dict[str, float]`` (one row per step).
 ``prepare``, when given, computes run-level parameters once from the run's last checkpoint (e.g. the key Fourier
 frequencies that every step is then measured against), so every row of a table uses the same ones.
+
+Each metric carries a ``version``: the analysis cache keys its rows on it, so bump it whenever the metric's
+numbers would change for the same weights and parameters (new maths, a changed module constant, a fixed bug).
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from grokinterp.metrics.base import Checkpoint
@@ -27,6 +30,9 @@ class Metric:
     prepare: Callable[[Checkpoint], dict[str, Any]] | None = None
     points: Callable[..., list[dict]] | None = None
     """Per-token 2D points (panel, token, x, y, colour) for figures, computed at a few snapshot steps."""
+    version: int = field(kw_only=True)
+    """Bumped whenever the numbers change for the same weights and parameters, so cached rows of older maths are
+    recomputed."""
 
 
 def _final_key_freqs(ckpt: Checkpoint) -> dict[str, Any]:
@@ -42,17 +48,20 @@ def register(metric: Metric) -> None:
     METRICS[metric.name] = metric
 
 
-register(Metric("phases", None, "steps where train/val accuracy pass 50% and 99%, and the grokking delay"))
-register(Metric("weight-norm", weight_norm_metrics, "Σ‖θ‖² in total and per component (embed, attn, mlp, unembed)"))
+register(Metric("phases", None, "steps where train/val accuracy pass 50% and 99%, and the grokking delay",
+                version=1))
+register(Metric("weight-norm", weight_norm_metrics, "Σ‖θ‖² in total and per component (embed, attn, mlp, unembed)",
+                version=1))
 register(Metric("fourier", fourier_metrics, "Fourier power of W_E/W_U per frequency, sparsity, neurons explained "
-                "by one frequency, restricted and excluded loss", families=("mod",), prepare=_final_key_freqs))
+                "by one frequency, restricted and excluded loss", families=("mod",), prepare=_final_key_freqs,
+                version=1))
 register(Metric("circles", circle_metrics, "how well the embedding sits on a circle for each key frequency",
-                families=("mod",), prepare=_final_key_freqs, points=circle_points))
+                families=("mod",), prepare=_final_key_freqs, points=circle_points, version=1))
 register(Metric("cosets", coset_metrics, "how strongly W_E/W_U rows cluster by left and right cosets of point "
                 "stabilizers, A_n and (S5) a dihedral subgroup, against random labels of the same sizes",
-                families=("perm",), points=coset_points))
+                families=("perm",), points=coset_points, version=1))
 register(Metric("irreps", irrep_metrics, "fraction of W_E/W_U variance in each irreducible representation, key "
-                "irreps, and the logits' similarity to tr ρ(x)ρ(y)ρ(z⁻¹)", families=("perm",)))
+                "irreps, and the logits' similarity to tr ρ(x)ρ(y)ρ(z⁻¹)", families=("perm",), version=1))
 register(Metric("sharpness", sharpness_metrics, "training-loss sharpness under weight perturbation: expected loss "
                 "increase at fixed σ, σ* by bisection (plain and magnitude-aware), ε-sharpness (maximized), Hessian "
-                "top eigenvalue (power iteration) and trace (Hutchinson)"))
+                "top eigenvalue (power iteration) and trace (Hutchinson)", version=1))
