@@ -6,7 +6,8 @@ Layout of a run directory::
     data.safetensors         the task table (tokens, labels) and the train/validation split
     metrics.jsonl            one JSON object per evaluation (step, losses, accuracies, weight norm, ...)
     weights/step_0001200.safetensors
-                             model weights in TransformerLens state-dict naming, named by global step
+                             model weights in TransformerLens state-dict naming, named by global step, with the
+                             config that trained them in the file's metadata (checked against config.json on load)
     trainer_state.pt         optimizer state and progress at the latest checkpoint (read with weights_only=True)
     .lock                    held (flock) while a process trains the run
 
@@ -32,7 +33,7 @@ from safetensors.torch import save_file
 
 from grokinterp.config import ConfigError, RunConfig
 from grokinterp.errors import RunError
-from grokinterp.tasks import TaskData
+from grokinterp.tasks import TaskData, build_task
 
 CONFIG_FILE = "config.json"
 DATA_FILE = "data.safetensors"
@@ -41,7 +42,8 @@ WEIGHTS_DIR = "weights"
 TRAINER_STATE_FILE = "trainer_state.pt"
 LOCK_FILE = ".lock"
 DEFAULT_ROOT = Path("checkpoints")
-
+RESUMABLE_FIELDS = ("steps", "stop_val_acc", "stop_patience")
+"""Config fields a resume may change (a larger budget, another stop rule); training fixes every other field."""
 
 
 def checkpoint_schedule(total_steps: int, n_regular: int, n_log: int) -> list[int]:
@@ -188,10 +190,74 @@ class RunStore:
         return sorted(out)
 
     def read_weights(self, step: int) -> dict[str, torch.Tensor]:
+        return self.read_checkpoint(step)[0]
+
+    def read_checkpoint(self, step: int) -> tuple[dict[str, torch.Tensor], "RunConfig | None", Path]:
+        """Weights at ``step``, the config that trained them (None for a run written before it was recorded) and
+        the file they came from."""
         file = self.path / WEIGHTS_DIR / weights_name(step)
         if not file.exists():
             raise RunError(f"no checkpoint at step {step} in {self.path}; available: {_describe_steps(self.steps())}")
-        return _read_tensors(file)[0]
+        tensors, metadata = _read_tensors(file)
+        return tensors, _trained_config(metadata, file), file
+
+    def check_config(self, config: RunConfig, data: TaskData | None = None, table: bool = True) -> None:
+        """Refuse ``config`` (config.json as read, with any resume flags) unless it is the config that trained the
+        checkpoints, up to RESUMABLE_FIELDS. The latest checkpoint's record is checked; a run with no record (written
+        before the record existed, or killed before its first checkpoint) is checked against its task table, unless
+        ``table`` is False (a quick look, as ``grokinterp runs`` takes)."""
+        steps = self.steps()
+        if steps:
+            file = self.path / WEIGHTS_DIR / weights_name(steps[-1])
+            try:
+                with safe_open(file, framework="pt") as f:
+                    metadata = f.metadata() or {}
+            except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+                raise RunError(f"{file} is corrupt or truncated ({_first_line(err)})") from None
+            trained = _trained_config(metadata, file)
+            if trained is not None:
+                self.check_trained_by(config, trained, file)
+                return
+        if table:
+            self.check_table(config, self.read_data() if data is None else data)
+
+    def check_trained_by(self, config: RunConfig, trained: RunConfig, file: Path) -> None:
+        """Refuse ``config`` if it differs from ``trained``, the config recorded in checkpoint ``file``."""
+        changes = config_changes(trained, config, self._raw_config())
+        if changes:
+            restore = ", ".join(f"{name} to {value!r}" for name, value, _ in changes)
+            raise RunError(
+                f"{self.path / CONFIG_FILE} does not match the config that trained {file.name}: "
+                f"{'; '.join(text for _, _, text in changes)}; restore {restore} in config.json, or start a new run "
+                "(grokinterp train --name NEW ...) to train with the new value"
+            )
+
+    def check_table(self, config: RunConfig, data: TaskData) -> None:
+        """Refuse ``config`` if its task section does not build the table and split in data.safetensors (the check
+        for runs whose checkpoints carry no record of the config that trained them)."""
+        t = config.task
+        try:
+            expected = build_task(t.op, t.p, t.n, t.frac_train, t.data_seed)
+        except ValueError:
+            expected = None
+        same = expected is not None and expected.n_symbols == data.n_symbols and all(
+            a.shape == b.shape and torch.equal(a, b)
+            for a, b in zip((expected.tokens, expected.labels, expected.train_idx, expected.val_idx),
+                            (data.tokens, data.labels, data.train_idx, data.val_idx)))
+        if not same:
+            raise RunError(
+                f"{self.path / DATA_FILE} holds the table the run was trained on, not the table config.json's task "
+                f"section builds ({t.op} {t.size_label}, {t.frac_train:g} train, data seed {t.data_seed}): "
+                "config.json was edited after training; restore its task section, or start a new run "
+                "(grokinterp train --name NEW ...) for the new task"
+            )
+
+    def _raw_config(self) -> dict[str, Any]:
+        try:
+            raw = json.loads(_read_text(self.path / CONFIG_FILE))
+        except (OSError, RunError, json.JSONDecodeError):
+            return {}
+        return raw if isinstance(raw, dict) else {}
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every logged evaluation, in step order. A torn last line (a killed writer) is ignored."""
@@ -228,9 +294,12 @@ class RunStore:
         return state
 
     # -- writing --------------------------------------------------------------------------------------------
-    def write_weights(self, step: int, state_dict: dict[str, torch.Tensor]) -> None:
+    def write_weights(self, step: int, state_dict: dict[str, torch.Tensor], config: RunConfig) -> None:
+        """Save the weights of ``step``, recording ``config``, the config that trained them."""
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-        _write_tensors(self.path / WEIGHTS_DIR / weights_name(step), tensors)
+        text = _config_record(config)
+        metadata = {"config": text, "config_sha256": hashlib.sha256(text.encode()).hexdigest()}
+        _write_tensors(self.path / WEIGHTS_DIR / weights_name(step), tensors, metadata)
 
     def write_trainer_state(self, state: TrainerState) -> None:
         payload = {"step": state.step, "optimizer": state.optimizer, "finished": state.finished,
@@ -245,6 +314,58 @@ class RunStore:
 
     def open_metrics_for_append(self):
         return open(self.path / METRICS_FILE, "a", buffering=1)
+
+
+def _config_record(config: RunConfig) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def _trained_config(metadata: dict[str, str], file: Path) -> RunConfig | None:
+    """The config recorded in a checkpoint's metadata, or None for a checkpoint written before the record."""
+    text = metadata.get("config")
+    if text is None:
+        return None
+    if hashlib.sha256(text.encode()).hexdigest() != metadata.get("config_sha256"):
+        raise RunError(f"{file} is corrupt: its record of the training config does not match its checksum")
+    try:
+        return RunConfig.from_json(text)
+    except ConfigError as err:
+        raise RunError(f"{file} is corrupt: its record of the training config cannot be read ({err})") from None
+
+
+def config_changes(trained: RunConfig, config: RunConfig, raw: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """(field, trained value, description) for every field where ``config`` differs from ``trained``, the config recorded in a
+    checkpoint, besides RESUMABLE_FIELDS. ``raw`` is config.json as parsed JSON, to tell a deleted field (which
+    falls back to its default) from an edited one."""
+    changes = []
+    now, then = config.to_dict(), trained.to_dict()
+    for section, values in then.items():
+        for key, value in values.items():
+            if key in RESUMABLE_FIELDS or now[section][key] == value:
+                continue
+            name = f"{section}.{key}"
+            present = isinstance(raw.get(section), dict) and key in raw[section]
+            where = "config.json gives" if present else "config.json lacks it, so the default"
+            changes.append((name, value, f"{name} was {value!r} in training, {where} {now[section][key]!r}"
+                                  + ("" if present else " applies (the field is missing)")))
+    return changes
+
+
+def fit_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """Load ``tensors`` (from checkpoint ``file``) into ``model``, or say in one line which tensor does not fit."""
+    expected = model.state_dict()
+    for name, tensor in tensors.items():
+        if name not in expected:
+            raise RunError(f"{file}: {name} is not a tensor of the model config.json's model section builds; "
+                           "restore config.json's model section, or start a new run")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise RunError(f"{file}: {name} has shape {tuple(tensor.shape)}, but config.json's model builds "
+                           f"{tuple(expected[name].shape)}; restore config.json's model section, or start a new run")
+    missing = [name for name in expected if name not in tensors]
+    if missing:
+        raise RunError(f"{file} lacks {missing[0]}, which the model config.json's model section builds has; "
+                       "restore config.json's model section, or start a new run")
+    model.load_state_dict(tensors)
 
 
 def _read_text(file: Path) -> str:
@@ -350,6 +471,8 @@ class Run:
             raise RunError(f"no run at {path}; train one with `grokinterp train`, list them with `grokinterp runs`")
         self.path = self.store.path
         self.config: RunConfig = self.store.read_config()
+        self._table_checked = False
+        self._trained_ok: RunConfig | None = None  # the last training config found to agree with config.json
 
     def __repr__(self) -> str:
         steps = self.steps
@@ -385,16 +508,29 @@ class Run:
         return frame.set_index("step", drop=False) if len(frame) else frame
 
     def state_dict(self, step: int | None = None) -> dict[str, torch.Tensor]:
-        """Weights at ``step`` (default: the latest checkpoint), in TransformerLens naming."""
-        return self.store.read_weights(self._step(step))
+        """Weights at ``step`` (default: the latest checkpoint), in TransformerLens naming. Refused if config.json
+        is not the config that trained them (a hand-edited file)."""
+        return self._checkpoint(step)[0]
 
     def model(self, step: int | None = None, device: str | torch.device = "cpu"):
         """A ``HookedTransformer`` with the weights of ``step`` (default: the latest checkpoint)."""
         from grokinterp.model import build_model
 
+        tensors, file = self._checkpoint(step)
         model = build_model(self.config.model, self.data.n_symbols, device=device)
-        model.load_state_dict(self.state_dict(step))
+        fit_weights(model, tensors, file)
         return model.eval()
+
+    def _checkpoint(self, step: int | None) -> tuple[dict[str, torch.Tensor], Path]:
+        tensors, trained, file = self.store.read_checkpoint(self._step(step))
+        if trained is None:  # written before the record: the task table is what config.json must still build
+            if not self._table_checked:
+                self.store.check_table(self.config, self.data)
+                self._table_checked = True
+        elif trained != self._trained_ok:
+            self.store.check_trained_by(self.config, trained, file)
+            self._trained_ok = trained
+        return tensors, file
 
     def _step(self, step: int | None) -> int:
         steps = self.steps

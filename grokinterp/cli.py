@@ -267,6 +267,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     for path in paths:
         try:
             run = load_run(path)
+            run.store.check_config(run.config, table=False)  # list no value config.json gained after training
             rows = run.store.read_metrics()
         except RunError as err:
             print(f"skipping {path}: {err}", file=sys.stderr)

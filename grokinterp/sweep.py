@@ -478,7 +478,7 @@ def _train_stack(members: list[_Member], stack: _Stack, table: TaskData, interru
 
     def save(step: int, j: int) -> None:
         m = members[active[j]]
-        m.store.write_weights(step, stack.state_dict(j))
+        m.store.write_weights(step, stack.state_dict(j), m.config)
         finished = m.stop_reason is not None and m.stop_reason != "interrupted"
         lr = learning_rate(cfg, step) if step > 0 else cfg.lr
         m.store.write_trainer_state(TrainerState(step, stack.optimizer_state(j, m, lr), finished,

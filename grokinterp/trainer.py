@@ -30,6 +30,7 @@ from grokinterp.checkpoints import (
     TrainerState,
     checkpoint_schedule,
     first_step_reaching,
+    fit_weights,
     metrics_step_cutoff,
     weight_norm_sq,
 )
@@ -193,6 +194,7 @@ def train(
         saved = Run(run_dir).config
         _check_resume_config(saved, config, store.path)
         data = store.read_data()
+        store.check_config(saved, data)  # config.json itself may have been edited since training
     else:
         data = build_task(config.task.op, config.task.p, config.task.n, config.task.frac_train, config.task.data_seed)
         store = RunStore.create(run_dir, config, data)
@@ -268,7 +270,8 @@ def _train_locked(config, store: RunStore, data: TaskData, dev, resume, progress
             raise RunError(f"{store.path / 'metrics.jsonl'} has no row for step {expected}, before the checkpoint to "
                            f"resume from (step {state.step}): the log was truncated or replaced; restore it, or "
                            "train a new run")
-        model.load_state_dict(store.read_weights(state.step))
+        tensors, _, file = store.read_checkpoint(state.step)
+        fit_weights(model, tensors, file)
         optimizer.load_state_dict(state.optimizer)
         step = state.step
         store.rewrite_metrics(metrics_step_cutoff(store.read_metrics(), step))
@@ -289,7 +292,7 @@ def _train_locked(config, store: RunStore, data: TaskData, dev, resume, progress
         return row
 
     def save(step: int, stop_reason: str | None) -> None:
-        store.write_weights(step, model.state_dict())
+        store.write_weights(step, model.state_dict(), config)
         finished = stop_reason is not None and stop_reason != "interrupted"
         store.write_trainer_state(TrainerState(step, optimizer.state_dict(), finished, stop_reason or ""))
 
