@@ -15,8 +15,11 @@ Every file is written to a temporary name and renamed into place, so a reader ne
 killed process leaves only complete checkpoints behind.
 """
 
+import contextlib
+import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -29,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from grokinterp.config import ConfigError, RunConfig
 from grokinterp.errors import RunError
@@ -61,20 +64,39 @@ def weights_name(step: int) -> str:
     return f"step_{step:07d}.safetensors"
 
 
-def _atomic_write(path: Path, write) -> None:
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary name beside ``path``, fsync, rename. The bytes are serialized beforehand, so
+    the only failure here is an OSError with its errno (a full disk is ENOSPC or EFBIG, not a serializer's own
+    message), raised with ``path`` as its filename; the temporary file is removed whatever happens."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+    except OSError as err:
+        err.filename = str(path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(text))
+    _atomic_write(path, text.encode("utf-8"))
+
+
+WRITE_FAILURES = {errno.EFBIG: "the file-size limit (ulimit -f) is reached", errno.ENOSPC: "the disk is full",
+                  errno.EDQUOT: "the disk quota is used up"}
 
 
 def resolve_run_path(run: str | os.PathLike) -> Path:
@@ -128,6 +150,9 @@ class RunStore:
             shutil.rmtree(tmp, ignore_errors=True)
             if path.exists():
                 raise RunError(f"run directory {path} appeared while creating it; pick another --name") from None
+            if err.errno in WRITE_FAILURES:
+                raise RunError(f"could not create run directory {path}: {WRITE_FAILURES[err.errno]} (writing "
+                               f"{Path(err.filename).name}); free space or raise the limit, then train again") from None
             raise RunError(f"could not create run directory {path} ({err.strerror}); check the path and free space") from None
         return cls(path)
 
@@ -294,26 +319,81 @@ class RunStore:
         return state
 
     # -- writing --------------------------------------------------------------------------------------------
+    # Each write that fails (a full disk, a file-size limit, a read-only folder) raises a one-line RunError naming
+    # the file; the files written before it are untouched, so the run resumes from its last complete checkpoint.
     def write_weights(self, step: int, state_dict: dict[str, torch.Tensor], config: RunConfig) -> None:
         """Save the weights of ``step``, recording ``config``, the config that trained them."""
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         text = _config_record(config)
         metadata = {"config": text, "config_sha256": hashlib.sha256(text.encode()).hexdigest()}
-        _write_tensors(self.path / WEIGHTS_DIR / weights_name(step), tensors, metadata)
+        with self._reporting_write_failures():
+            _write_tensors(self.path / WEIGHTS_DIR / weights_name(step), tensors, metadata)
 
     def write_trainer_state(self, state: TrainerState) -> None:
         payload = {"step": state.step, "optimizer": state.optimizer, "finished": state.finished,
                    "stop_reason": state.stop_reason, "sha256": _state_digest(state)}
-        _atomic_write(self.path / TRAINER_STATE_FILE, lambda f: torch.save(payload, f))
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        with self._reporting_write_failures():
+            _atomic_write(self.path / TRAINER_STATE_FILE, buffer.getvalue())
 
     def write_config(self, config: RunConfig) -> None:
-        write_text_atomic(self.path / CONFIG_FILE, config.to_json())
+        with self._reporting_write_failures():
+            write_text_atomic(self.path / CONFIG_FILE, config.to_json())
 
     def rewrite_metrics(self, rows: Iterable[dict[str, Any]]) -> None:
-        write_text_atomic(self.path / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+        with self._reporting_write_failures():
+            write_text_atomic(self.path / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
-    def open_metrics_for_append(self):
-        return open(self.path / METRICS_FILE, "a", buffering=1)
+    def open_metrics_for_append(self) -> "MetricsLog":
+        return MetricsLog(self)
+
+    @contextlib.contextmanager
+    def _reporting_write_failures(self):
+        try:
+            yield
+        except OSError as err:
+            raise self.write_failure(err) from None
+
+    def write_failure(self, err: OSError) -> RunError:
+        """One line for a write that failed: the file, why, what is intact and the command that continues."""
+        why = WRITE_FAILURES.get(err.errno, err.strerror or str(err))
+        steps = self.steps()
+        intact = (f"the checkpoints up to step {steps[-1]} are intact" if steps else
+                  "the files written before it are intact, but no checkpoint was complete yet (a resume starts "
+                  "the run over)")
+        fix = "free space or raise the limit" if err.errno in WRITE_FAILURES else "fix that"
+        return RunError(f"could not write {err.filename or self.path}: {why}; {intact}; {fix}, then continue with: "
+                        f"grokinterp train --resume {self.path}")
+
+
+class MetricsLog:
+    """metrics.jsonl opened for appending rows. A row the disk cannot take is cut off again, so the log never ends
+    in half a row, and the failure is a RunError naming the file."""
+
+    def __init__(self, store: RunStore):
+        self.store = store
+        self.file = store.path / METRICS_FILE
+        self._fd = None
+        with store._reporting_write_failures():
+            self._fd: int | None = os.open(self.file, os.O_WRONLY | os.O_APPEND)
+
+    def write(self, text: str) -> None:
+        size = os.fstat(self._fd).st_size
+        try:
+            _write_all(self._fd, text.encode("utf-8"))
+        except OSError as err:
+            os.ftruncate(self._fd, size)  # shrinking is allowed past a file-size limit, and frees space
+            err.filename = str(self.file)
+            raise self.store.write_failure(err) from None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:  # a trainer stopped by an error leaves its log open: close it with the object
+        self.close()
 
 
 def _config_record(config: RunConfig) -> str:
@@ -417,7 +497,7 @@ def _state_digest(state: TrainerState) -> str:
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     metadata = {**(metadata or {}), "sha256": _digest(tensors)}
-    _atomic_write(path, lambda f: save_file(tensors, str(f), metadata=metadata))
+    _atomic_write(path, safetensors_bytes(tensors, metadata=metadata))
 
 
 def _read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

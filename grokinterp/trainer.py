@@ -296,7 +296,7 @@ def _train_locked(config, store: RunStore, data: TaskData, dev, resume, progress
         finished = stop_reason is not None and stop_reason != "interrupted"
         store.write_trainer_state(TrainerState(step, optimizer.state_dict(), finished, stop_reason or ""))
 
-    if step == 0:
+    if state is None:  # a new run (or one that never completed a checkpoint); a resume from step 0 has its row
         rows = [log_row(0)]
         save(0, None)
     else:

@@ -6,14 +6,19 @@ cannot fit in memory is refused before it starts. Every refusal is one line, exi
 """
 
 import json
+import resource
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from grokinterp.checkpoints import RunError, load_run
+from grokinterp.checkpoints import RunError, RunStore, load_run
 from grokinterp.cli import main
+from grokinterp.tasks import build_task
 from grokinterp.trainer import train
 
 DELETE = object()
@@ -120,3 +125,80 @@ def test_a_run_from_before_the_config_record_still_loads_and_resumes(trained):
     before = load_run(trained).state_dict(20)
     assert all(torch.equal(before[k], v) for k, v in load_run(trained).model(20).state_dict().items() if k in before)
     assert main(["train", "--resume", str(trained), "--steps", "30", "--no-progress"]) == 0
+
+
+# -- §3: a full disk or a file-size limit ---------------------------------------------------------------------------
+TINY_FLAGS = ["--op", "add", "--p", "7", "--frac-train", "0.6", "--d-model", "32", "--n-heads", "2", "--d-head", "16",
+              "--d-mlp", "64", "--lr", "0.01", "--stop-val-acc", "0", "--no-progress"]
+
+
+def _train_with_file_size_limit(run_dir, limit: int | None, flags: list[str]) -> subprocess.CompletedProcess:
+    """``grokinterp train`` in a process whose files may not grow past ``limit`` bytes (``ulimit -f``): a write past
+    it fails with EFBIG, as on a full disk, since SIGXFSZ is ignored (Python ignores it anyway)."""
+
+    def limit_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    argv = (["train", "--resume", str(run_dir), "--no-progress"] if run_dir.exists() else
+            ["train", "--out", str(run_dir.parent), "--name", run_dir.name, *flags])
+    return subprocess.run([sys.executable, "-m", "grokinterp", *argv], capture_output=True, text=True, timeout=600,
+                          preexec_fn=limit_files if limit else None)
+
+
+def _assert_nothing_half_written(run_dir) -> None:
+    hidden = [p.name for p in run_dir.rglob(".*") if p.name != ".lock"]
+    assert not hidden, hidden
+    text = (run_dir / "metrics.jsonl").read_text()
+    assert not text or text.endswith("\n")
+    store = RunStore(run_dir)
+    for step in store.steps():
+        store.read_weights(step)
+    store.read_trainer_state()
+
+
+# (file-size limit in bytes, extra flags, file that cannot be written). The tiny model's weights take 38 kB and its
+# trainer state 79 kB. A width-8 model's trainer state takes 12 kB and a metrics row about 200 bytes, so evaluating
+# every step fills 16 kB of log at about step 80, after the checkpoint of step 75.
+MICRO = ["--d-model", "8", "--n-heads", "1", "--d-head", "8", "--d-mlp", "8"]
+LIMITS = [(20_000, ["--steps", "20"], "step_0000000.safetensors"),
+          (50_000, ["--steps", "20"], "trainer_state.pt"),
+          (16_000, [*MICRO, "--steps", "100", "--eval-every", "1", "--checkpoints", "4", "--log-checkpoints", "0"],
+           "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("limit, flags, victim", LIMITS, ids=[v for _, _, v in LIMITS])
+def test_a_full_disk_is_one_line_naming_the_file_and_the_resume_command(tmp_path, limit, flags, victim):
+    run_dir = tmp_path / "fs1"
+    done = _train_with_file_size_limit(run_dir, limit, [*TINY_FLAGS, *flags])
+    assert done.returncode == 2, done.stderr
+    err = [line for line in done.stderr.strip().splitlines() if not line.startswith("Training ")]
+    assert len(err) == 1 and err[0].startswith("grokinterp: error: could not write "), err
+    line = err[0]
+    assert victim in line and "file-size limit" in line and "intact" in line, line
+    assert line.endswith(f"grokinterp train --resume {run_dir}"), line
+    _assert_nothing_half_written(run_dir)
+    if victim == "metrics.jsonl":
+        assert RunStore(run_dir).steps()[-1] == 75 and "checkpoints up to step 75 are intact" in line
+
+    done = _train_with_file_size_limit(run_dir, None, [])  # the limit lifted, the printed command finishes the run
+    assert done.returncode == 0, done.stderr
+    whole = train(load_run(run_dir).config, tmp_path / "whole", device="cpu", progress=False).run
+    resumed = load_run(run_dir)
+    assert resumed.steps == whole.steps
+    assert all(torch.equal(resumed.state_dict()[k], v) for k, v in whole.state_dict().items())
+    assert resumed.metrics.drop(columns="time_s").equals(whole.metrics.drop(columns="time_s"))
+
+
+def test_the_metrics_log_is_cut_back_to_whole_rows(tmp_path, tiny):
+    # a row the limit cuts in half is removed again, so a reader never sees a torn line
+    store = RunStore.create(tmp_path / "run", tiny(), build_task("add", 7, 5, 0.6, 0))
+    script = (f"import resource, json\nfrom grokinterp.checkpoints import RunStore\n"
+              f"log = RunStore({str(store.path)!r}).open_metrics_for_append()\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))\n"
+              "for step in range(100):\n    log.write(json.dumps({'step': step, 'val_acc': 0.5}) + '\\n')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "could not write" in done.stderr and "metrics.jsonl" in done.stderr
+    text = (store.path / "metrics.jsonl").read_text()
+    assert text.endswith("\n") and 900 < len(text) <= 1000
+    assert [r["step"] for r in store.read_metrics()] == list(range(len(text.splitlines())))
