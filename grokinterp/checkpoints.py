@@ -21,8 +21,11 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
+import re
 import shutil
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -45,6 +48,7 @@ WEIGHTS_DIR = "weights"
 TRAINER_STATE_FILE = "trainer_state.pt"
 LOCK_FILE = ".lock"
 DEFAULT_ROOT = Path("checkpoints")
+log = logging.getLogger(__name__)
 RESUMABLE_FIELDS = ("steps", "stop_val_acc", "stop_patience")
 """Config fields a resume may change (a larger budget, another stop rule); training fixes every other field."""
 
@@ -91,6 +95,49 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?:tmp|creating)(?P<pid>\d+)")
+
+
+def remove_stale_temporaries(folder: Path, runs_only: bool = False) -> list[Path]:
+    """Remove the temporary files (``.NAME.tmpPID``) and half-built run folders (``.NAME.creatingPID``) in
+    ``folder`` whose writer PID is dead: what a process killed mid-write leaves. A live PID's are left alone,
+    as that process may still be writing them. ``runs_only``: only half-built run folders (in a folder of runs,
+    which may hold anything else too). Called when a run is opened for writing; returns what it removed."""
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match is None or _pid_alive(int(match["pid"])):
+            continue
+        if runs_only and not (".creating" in entry.name and (entry / WEIGHTS_DIR).is_dir()):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:
+            continue  # not ours to remove (permissions): harmless, readers skip hidden names
+        log.info("removed %s, left by process %s, which is gone", entry, match["pid"])
+        removed.append(entry)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (or a number no PID can be): do not touch
+    return True
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     _atomic_write(path, text.encode("utf-8"))
 
@@ -134,6 +181,7 @@ class RunStore:
         tmp = path.with_name(f".{path.name}.creating{os.getpid()}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(path.parent, runs_only=True)
             tmp.mkdir()
             (tmp / WEIGHTS_DIR).mkdir()
             write_text_atomic(tmp / CONFIG_FILE, config.to_json())
@@ -167,6 +215,9 @@ class RunStore:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
+        remove_stale_temporaries(self.path)
+        remove_stale_temporaries(self.path / WEIGHTS_DIR)
+        remove_stale_temporaries(self.path.parent, runs_only=True)
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
@@ -284,23 +335,30 @@ class RunStore:
             return {}
         return raw if isinstance(raw, dict) else {}
 
-    def read_metrics(self) -> list[dict[str, Any]]:
-        """Every logged evaluation, in step order. A torn last line (a killed writer) is ignored."""
+    def read_metrics(self, stop_at_damage: bool = False) -> list[dict[str, Any]]:
+        """Every logged evaluation, in step order. A torn last line (a killed writer) is ignored; a damaged line
+        before it is an error, or with ``stop_at_damage`` the end of the rows kept (to rebuild the rest)."""
         file = self._require(METRICS_FILE)
         lines = _read_text(file).split("\n")
         rows = []
+        rebuild = f"restore it, or rebuild it from the checkpoints with: grokinterp train --resume {self.path} --rebuild-log"
         for i, line in enumerate(lines):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                if i == len(lines) - 1:
+                if i == len(lines) - 1 or stop_at_damage:
                     break
-                raise RunError(f"{file} line {i + 1} is not valid JSON; the metrics log is corrupt") from None
+                raise RunError(f"{file} line {i + 1} is not valid JSON; the metrics log is corrupt: {rebuild}") from None
             if not (isinstance(row, dict) and type(row.get("step")) is int
                     and all(isinstance(v, (int, float)) for v in row.values())):
-                raise RunError(f"{file} line {i + 1} is not a row of numbers with a step; the metrics log is corrupt")
+                if stop_at_damage:
+                    break
+                raise RunError(f"{file} line {i + 1} is not a row of numbers with a step; the metrics log is corrupt: "
+                               f"{rebuild}")
+            if stop_at_damage and rows and row["step"] <= rows[-1]["step"]:
+                break
             rows.append(row)
         return rows
 
@@ -309,7 +367,9 @@ class RunStore:
         if not file.exists():
             return None
         try:
-            raw = torch.load(file, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about a foreign pickle before refusing it: one line is ours
+                warnings.simplefilter("ignore")
+                raw = torch.load(file, map_location="cpu", weights_only=True)
             state = TrainerState(int(raw["step"]), raw["optimizer"], bool(raw["finished"]), str(raw["stop_reason"]))
             digest = raw.get("sha256")
         except Exception as err:  # noqa: BLE001 -- any unreadable state is reported the same way

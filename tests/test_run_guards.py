@@ -6,6 +6,7 @@ cannot fit in memory is refused before it starts. Every refusal is one line, exi
 """
 
 import json
+import os
 import resource
 import signal
 import subprocess
@@ -202,3 +203,96 @@ def test_the_metrics_log_is_cut_back_to_whole_rows(tmp_path, tiny):
     text = (store.path / "metrics.jsonl").read_text()
     assert text.endswith("\n") and 900 < len(text) <= 1000
     assert [r["step"] for r in store.read_metrics()] == list(range(len(text.splitlines())))
+
+
+# -- §5: smaller ones -------------------------------------------------------------------------------------------------
+TINY_RUN = [*TINY_FLAGS, "--steps", "20", "--checkpoints", "2", "--log-checkpoints", "0"]
+SWEEP_RUN = [flag for i, flag in enumerate(TINY_RUN) if "--frac-train" not in TINY_RUN[max(i - 1, 0) : i + 1]]
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+@pytest.mark.parametrize("name", ["a\nb", "tab\there", "bell\x07", "del\x7f"])
+def test_a_name_with_a_control_character_is_refused(tmp_path, capsys, command, name):
+    grid = ["--seeds", "0", "--fracs", "0.6", "--weight-decays", "1"] if command == "sweep" else []
+    assert main([command, "--out", str(tmp_path), "--name", name, *grid, *(SWEEP_RUN if grid else TINY_RUN)]) == 2
+    assert "control character" in _one_error_line(capsys)
+    assert not any(tmp_path.iterdir())
+
+
+def test_runs_of_a_missing_folder_or_a_file_is_an_error(tmp_path, capsys, monkeypatch):
+    assert main(["runs", str(tmp_path / "nope")]) == 2
+    assert "no folder" in _one_error_line(capsys)
+    (tmp_path / "afile").write_text("x")
+    assert main(["runs", str(tmp_path / "afile")]) == 2
+    assert "is a file" in _one_error_line(capsys)
+    monkeypatch.chdir(tmp_path)  # no ./checkpoints yet: the default root is simply empty
+    assert main(["runs"]) == 0
+    assert "no runs under checkpoints" in capsys.readouterr().out
+
+
+def test_sweep_checks_its_analyses_folder_before_training(tmp_path, capsys, monkeypatch):
+    import grokinterp.sweep
+
+    monkeypatch.setattr(grokinterp.sweep, "train_many", lambda *a, **k: pytest.fail("trained before the check"))
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "below"):
+        assert main(["sweep", "--out", str(tmp_path / "runs"), "--name", "s", "--analyses-out", str(out),
+                     "--seeds", "0", "--fracs", "0.6", "--weight-decays", "1", *SWEEP_RUN]) == 2
+        line = _one_error_line(capsys)
+        assert "--analyses-out" in line and "afile" in line, line
+    assert not (tmp_path / "runs").exists()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temporaries_of_dead_processes_are_removed_when_the_run_is_next_trained(trained):
+    dead, alive = _dead_pid(), os.getppid()  # not this process's own PID: its writes use (and remove) those names
+    stale = [trained / f".trainer_state.pt.tmp{dead}", trained / f".metrics.jsonl.tmp{dead}",
+             trained / "weights" / f".step_0000015.safetensors.tmp{dead}"]
+    live = [trained / f".trainer_state.pt.tmp{alive}", trained / "weights" / f".step_0000015.safetensors.tmp{alive}"]
+    for file in stale + live:
+        file.write_bytes(b"\x00" * 10)
+    stale_dir, live_dir = trained.parent / f".other.creating{dead}", trained.parent / f".other.creating{alive}"
+    for folder in (stale_dir, live_dir):
+        (folder / "weights").mkdir(parents=True)
+    load_run(trained).model()  # reading removes nothing
+    assert all(p.exists() for p in stale + [stale_dir])
+    assert main(["train", "--resume", str(trained), "--steps", "30", "--no-progress"]) == 0
+    assert not any(p.exists() for p in stale + [stale_dir])
+    assert all(p.exists() for p in live + [live_dir])  # a process still alive may be writing them
+
+
+def test_a_raw_pickle_trainer_state_is_one_line(trained):
+    import pickle
+
+    with open(trained / "trainer_state.pt", "wb") as f:
+        pickle.dump({"step": 20, "optimizer": {}, "finished": False, "stop_reason": ""}, f, protocol=4)
+    done = subprocess.run([sys.executable, "-m", "grokinterp", "train", "--resume", str(trained), "--steps", "30",
+                           "--no-progress"], capture_output=True, text=True, timeout=300)
+    err = [line for line in done.stderr.strip().splitlines() if not line.startswith("Resuming ")]
+    assert done.returncode == 2 and len(err) == 1 and "trainer_state.pt is corrupt" in err[0], err
+
+
+def test_a_truncated_metrics_log_is_rebuilt_from_the_checkpoints(tmp_path, tiny, capsys):
+    config = tiny(steps=40, checkpoints=2, log_checkpoints=0)  # a row every 5 steps
+    run_dir = train(config.replace(steps=20), tmp_path / "run", device="cpu", progress=False).run.path  # 0, 10, 20
+    log = run_dir / "metrics.jsonl"
+    rows = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(rows[:2]) + rows[2][:20])  # rows of steps 0 and 5, then a torn line
+    assert main(["train", "--resume", str(run_dir), "--steps", "40", "--no-progress"]) == 2
+    line = _one_error_line(capsys)
+    assert "metrics.jsonl" in line and f"grokinterp train --resume {run_dir} --rebuild-log" in line, line
+
+    assert main(["train", "--resume", str(run_dir), "--steps", "40", "--rebuild-log", "--no-progress"]) == 0
+    whole = train(config, tmp_path / "whole", device="cpu", progress=False).run
+    resumed = load_run(run_dir)
+    assert all(torch.equal(resumed.state_dict()[k], v) for k, v in whole.state_dict().items())
+    frame = resumed.metrics
+    assert list(frame.step) == [0, 5, 10, 20, 25, 30, 35, 40]  # rows 15 lies between checkpoints: lost
+    assert list(frame.step[frame.rebuilt == 1]) == [10, 20]
+    same = whole.metrics.loc[list(frame.step)].drop(columns="time_s")
+    assert frame.drop(columns=["time_s", "rebuilt"]).equals(same)
