@@ -232,6 +232,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         write_data_efficiency,
         write_manifest,
     )
+    from grokinterp.resources import check_fits
     from grokinterp.trainer import resolve_device
 
     overrides = _overrides(args)
@@ -252,6 +253,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     folder = Path(args.out) / name
     device = resolve_device(args.device)  # refuse a bad --device before writing anything
     _check_output_folder(Path(args.analyses_out) / name, "--analyses-out")
+    check_fits(configs[0], Path(args.out), device.type, models=min(args.group_size, len(configs)))  # one group at once
     if folder.exists():
         raise UsageError(f"sweep folder {folder} already exists; pick another --name (continue one of its runs "
                          f"with `grokinterp train --resume {folder}/MEMBER`)")

@@ -45,6 +45,7 @@ from grokinterp.config import ConfigError, RunConfig, TrainConfig
 from grokinterp.errors import RunError
 from grokinterp.fastpath import answer_logits_from_params
 from grokinterp.model import build_model
+from grokinterp.resources import check_fits
 from grokinterp.tasks import TaskData, build_task
 from grokinterp.trainer import (
     EVAL_CHUNK,
@@ -202,6 +203,7 @@ def train_many(
         if run_dir.exists():
             raise RunError(f"run directory {run_dir} already exists; pick another --name")
     dev = resolve_device(device)
+    check_fits(configs[0], run_dirs[0].parent, dev.type, models=min(group_size, len(configs)))  # one group at once
     if group_size == 1:
         return _one_after_another(configs, run_dirs, dev, progress, on_step)
     order = sorted(range(len(configs)), key=lambda i: configs[i].task.frac_train)

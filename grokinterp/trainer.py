@@ -41,7 +41,7 @@ from grokinterp.tasks import TaskData, build_task
 
 log = logging.getLogger(__name__)
 
-EVAL_CHUNK = 16_384  # rows per no-grad forward when evaluating the whole table
+from grokinterp.resources import EVAL_CHUNK, check_fits  # EVAL_CHUNK: rows per no-grad forward when evaluating
 
 
 def resolve_device(device: str) -> torch.device:
@@ -191,6 +191,9 @@ def train(
     ``rebuild_log`` (with ``resume``): re-evaluate the checkpoints a truncated metrics log lacks rows for.
     """
     dev = resolve_device(device)
+    # refuse what cannot fit before writing anything (the disk only for a new run: a resume's earlier
+    # checkpoints are already there)
+    check_fits(config, None if resume else Path(run_dir).parent, dev.type)
     if resume:
         store = RunStore(run_dir)
         saved = Run(run_dir).config

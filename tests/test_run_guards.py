@@ -296,3 +296,48 @@ def test_a_truncated_metrics_log_is_rebuilt_from_the_checkpoints(tmp_path, tiny,
     assert list(frame.step[frame.rebuilt == 1]) == [10, 20]
     same = whole.metrics.loc[list(frame.step)].drop(columns="time_s")
     assert frame.drop(columns=["time_s", "rebuilt"]).equals(same)
+
+
+# -- §4: memory ----------------------------------------------------------------------------------------------------
+def test_a_config_too_big_for_memory_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    import grokinterp.resources
+    from grokinterp.config import get_preset
+    from grokinterp.resources import HEADROOM, estimate
+
+    monkeypatch.setattr(grokinterp.resources, "available_memory", lambda: 16 * 10**9)  # as on a 16 GB machine
+    assert main(["train", "--out", str(tmp_path), "--name", "big", "--p", "1999", "--steps", "1", "--no-progress"]) == 2
+    line = _one_error_line(capsys)
+    assert "needs about 66.4 GB of memory" in line and "16.0 GB is available" in line, line
+    batch = int(line.split("--batch-size ")[1].split()[0])
+    assert estimate(get_preset("quick").replace(p=1999, batch_size=batch)).memory <= HEADROOM * 16e9
+    assert not (tmp_path / "big").exists()
+    assert main(["sweep", "--out", str(tmp_path), "--name", "s", "--seeds", "0,1", "--fracs", "0.3",
+                 "--weight-decays", "1", "--p", "1999", "--steps", "1", "--no-progress"]) == 2
+    assert "needs about" in _one_error_line(capsys)
+    assert not any(tmp_path.iterdir())
+
+
+PEAK = """
+import json, os, resource, sys, tempfile
+import grokinterp.trainer
+from grokinterp.cli import main
+with open("/proc/self/statm") as f:
+    before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+with tempfile.TemporaryDirectory() as tmp:
+    code = main(["train", "--out", tmp, "--name", "m", "--no-progress", *sys.argv[1:]])
+print(json.dumps({"code": code, "grew": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before}))
+"""
+
+
+def test_the_memory_estimate_bounds_the_measured_peak_within_2x():
+    # a mid-size full-batch run, x+y mod 300 (27,000 training rows of 300 logits): its training step dominates
+    from grokinterp.config import get_preset
+    from grokinterp.resources import estimate
+
+    flags = ["--p", "300", "--steps", "2", "--checkpoints", "2", "--log-checkpoints", "0"]
+    done = subprocess.run([sys.executable, "-c", PEAK, *flags], capture_output=True, text=True, timeout=600)
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    assert measured["code"] == 0, done.stderr
+    estimated = estimate(get_preset("quick").replace(p=300, steps=2, checkpoints=2, log_checkpoints=0)).memory
+    print(f"estimate {estimated / 1e6:.0f} MB, measured peak above the imports {measured['grew'] / 1e6:.0f} MB")
+    assert measured["grew"] <= estimated <= 2 * measured["grew"]
