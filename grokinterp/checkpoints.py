@@ -453,7 +453,8 @@ class MetricsLog:
             self._fd = None
 
     def __del__(self) -> None:  # a trainer stopped by an error leaves its log open: close it with the object
-        self.close()
+        with contextlib.suppress(Exception):  # at interpreter exit, os may already be gone
+            self.close()
 
 
 def _config_record(config: RunConfig) -> str:

@@ -37,11 +37,10 @@ from grokinterp.checkpoints import (
 from grokinterp.config import RunConfig, TrainConfig
 from grokinterp.fastpath import fast_answer_logits, unsupported_reason
 from grokinterp.model import answer_logits, build_model
+from grokinterp.resources import EVAL_CHUNK, check_fits  # EVAL_CHUNK: rows per no-grad forward when evaluating
 from grokinterp.tasks import TaskData, build_task
 
 log = logging.getLogger(__name__)
-
-from grokinterp.resources import EVAL_CHUNK, check_fits  # EVAL_CHUNK: rows per no-grad forward when evaluating
 
 
 def resolve_device(device: str) -> torch.device:

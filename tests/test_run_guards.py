@@ -7,6 +7,7 @@ cannot fit in memory is refused before it starts. Every refusal is one line, exi
 
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -307,7 +308,8 @@ def test_a_config_too_big_for_memory_is_refused_before_anything_is_written(tmp_p
     monkeypatch.setattr(grokinterp.resources, "available_memory", lambda: 16 * 10**9)  # as on a 16 GB machine
     assert main(["train", "--out", str(tmp_path), "--name", "big", "--p", "1999", "--steps", "1", "--no-progress"]) == 2
     line = _one_error_line(capsys)
-    assert "needs about 66.4 GB of memory" in line and "16.0 GB is available" in line, line
+    assert re.search(r"needs about 6\d\.\d GB of memory \(6\d\.\d GB for a training step of 1,198,800 rows", line)
+    assert "16.0 GB is available" in line, line
     batch = int(line.split("--batch-size ")[1].split()[0])
     assert estimate(get_preset("quick").replace(p=1999, batch_size=batch)).memory <= HEADROOM * 16e9
     assert not (tmp_path / "big").exists()
@@ -329,15 +331,19 @@ print(json.dumps({"code": code, "grew": resource.getrusage(resource.RUSAGE_SELF)
 """
 
 
-def test_the_memory_estimate_bounds_the_measured_peak_within_2x():
-    # a mid-size full-batch run, x+y mod 300 (27,000 training rows of 300 logits): its training step dominates
+@pytest.mark.parametrize("p, batch_size", [(300, 0), (400, 8192)], ids=["mod300-full-batch", "mod400-batch8192"])
+def test_the_memory_estimate_bounds_the_measured_peak_within_2x(p, batch_size):
+    # mid-size runs: x+y mod 300 in full batches (27,000 training rows of 300 logits), where a training step
+    # dominates, and mod 400 in batches of 8192, where an evaluation chunk of 16,384 rows does
     from grokinterp.config import get_preset
     from grokinterp.resources import estimate
 
-    flags = ["--p", "300", "--steps", "2", "--checkpoints", "2", "--log-checkpoints", "0"]
+    flags = ["--p", str(p), "--batch-size", str(batch_size), "--steps", "2", "--checkpoints", "2",
+             "--log-checkpoints", "0"]
     done = subprocess.run([sys.executable, "-c", PEAK, *flags], capture_output=True, text=True, timeout=600)
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     assert measured["code"] == 0, done.stderr
-    estimated = estimate(get_preset("quick").replace(p=300, steps=2, checkpoints=2, log_checkpoints=0)).memory
+    config = get_preset("quick").replace(p=p, batch_size=batch_size, steps=2, checkpoints=2, log_checkpoints=0)
+    estimated = estimate(config).memory
     print(f"estimate {estimated / 1e6:.0f} MB, measured peak above the imports {measured['grew'] / 1e6:.0f} MB")
     assert measured["grew"] <= estimated <= 2 * measured["grew"]
