@@ -171,7 +171,7 @@ def save_ms(config, dev: torch.device, folder: Path, n: int = 20) -> float:
     times = []
     for step in range(1, n + 1):
         start = time.perf_counter()
-        store.write_weights(step, model.state_dict())
+        store.write_weights(step, model.state_dict(), config)
         store.write_trainer_state(TrainerState(step, optimizer.state_dict(), False, ""))
         times.append(time.perf_counter() - start)
     return 1000 * sorted(times)[n // 2]

@@ -4,6 +4,7 @@ bad input)."""
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run at this path (or name under --out) from its latest checkpoint")
     train.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument("--rebuild-log", action="store_true",
+                       help="with --resume: re-evaluate the checkpoints a truncated metrics.jsonl lacks rows for "
+                            "(rows between checkpoints are lost), then train on")
     _add_config_flags(train)
 
     analyze = sub.add_parser("analyze", help="run a metric over every checkpoint of a run",
@@ -96,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="analyses", help="folder of analysis outputs (default %(default)s)")
 
     runs = sub.add_parser("runs", help="list runs with steps trained and when they reached 99%% accuracy")
-    runs.add_argument("root", nargs="?", default=str(DEFAULT_ROOT), help="folder of runs (default %(default)s)")
+    runs.add_argument("root", nargs="?", default=None, help=f"folder of runs (default {DEFAULT_ROOT})")
 
     sweep = sub.add_parser(
         "sweep", help="train a grid of seeds x training fractions x weight decays, many runs at once",
@@ -144,6 +148,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not run_dir.is_dir():
             raise UsageError(f"no run to resume at {args.resume}; list runs with `grokinterp runs`")
         config = load_run(run_dir).config.replace(**overrides)
+    elif args.rebuild_log:
+        raise UsageError("--rebuild-log repairs the metrics log of an existing run; use it with --resume RUN")
     else:
         preset = args.preset or DEFAULT_PRESET
         config = get_preset(preset).replace(**overrides)
@@ -155,7 +161,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"run directory {run_dir} already exists; pick another --name, or continue it with "
                          f"--resume {run_dir}")
     print(f"{'Resuming' if args.resume else 'Training'} {run_dir} on {device}: {_describe(config)}", file=sys.stderr)
-    result = train(config, run_dir, resume=bool(args.resume), device=str(device), progress=not args.no_progress)
+    result = train(config, run_dir, resume=bool(args.resume), device=str(device), progress=not args.no_progress,
+                   rebuild_log=args.rebuild_log)
     run = result.run
     rows = run.store.read_metrics()
     last = rows[-1]
@@ -184,7 +191,22 @@ def _describe(config: RunConfig) -> str:
 def _plain_name(name: str) -> str:
     if "/" in name or name.startswith("."):
         raise UsageError(f"--name {name!r} must be a plain folder name (no '/', not starting with '.')")
+    if not name.isprintable():  # a line break or tab in a folder name breaks the `runs` table and every shell command
+        raise UsageError(f"--name {name!r} contains a control character (a line break, tab or the like); use "
+                         "letters, digits, '-', '_' and '.'")
     return name
+
+
+def _check_output_folder(folder: Path, flag: str) -> None:
+    """Refuse an output folder that cannot be made: a file on its way, or no permission to write the nearest
+    existing folder. Checked before a long job, so that it does not fail only at the end."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {folder}: {existing} is a file, not a folder; give another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {folder}: no permission to write in {existing}; give another {flag}")
 
 
 def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
@@ -211,6 +233,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         write_data_efficiency,
         write_manifest,
     )
+    from grokinterp.resources import check_fits
     from grokinterp.trainer import resolve_device
 
     overrides = _overrides(args)
@@ -230,6 +253,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     name = _plain_name(args.name or f"{preset}_{base.task.op}_sweep_{time.strftime('%Y%m%d-%H%M%S')}")
     folder = Path(args.out) / name
     device = resolve_device(args.device)  # refuse a bad --device before writing anything
+    _check_output_folder(Path(args.analyses_out) / name, "--analyses-out")
+    check_fits(configs[0], Path(args.out), device.type, models=min(args.group_size, len(configs)))  # one group at once
     if folder.exists():
         raise UsageError(f"sweep folder {folder} already exists; pick another --name (continue one of its runs "
                          f"with `grokinterp train --resume {folder}/MEMBER`)")
@@ -260,15 +285,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    paths = find_runs(args.root)
+    root = Path(args.root or DEFAULT_ROOT)
+    if args.root is not None and not root.exists():  # a folder asked for by name must be there (the default need not)
+        raise UsageError(f"no folder {root}; give a folder of runs, e.g. `grokinterp runs {DEFAULT_ROOT}`")
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"{root} is a file, not a folder of runs; give the folder that holds run folders")
+    paths = find_runs(root)
     if not paths:
-        print(f"no runs under {args.root}; train one with `grokinterp train`")
+        print(f"no runs under {root}; train one with `grokinterp train`")
         return 0
     header = ("run", "op", "size", "steps", "ckpts", "train 99%", "val 99%", "val acc")
     table = []
     for path in paths:
         try:
             run = load_run(path)
+            run.store.check_config(run.config, table=False)  # list no value config.json gained after training
             rows = run.store.read_metrics()
         except RunError as err:
             print(f"skipping {path}: {err}", file=sys.stderr)

@@ -45,6 +45,7 @@ from grokinterp.config import ConfigError, RunConfig, TrainConfig
 from grokinterp.errors import RunError
 from grokinterp.fastpath import answer_logits_from_params
 from grokinterp.model import build_model
+from grokinterp.resources import check_fits
 from grokinterp.tasks import TaskData, build_task
 from grokinterp.trainer import (
     EVAL_CHUNK,
@@ -202,6 +203,7 @@ def train_many(
         if run_dir.exists():
             raise RunError(f"run directory {run_dir} already exists; pick another --name")
     dev = resolve_device(device)
+    check_fits(configs[0], run_dirs[0].parent, dev.type, models=min(group_size, len(configs)))  # one group at once
     if group_size == 1:
         return _one_after_another(configs, run_dirs, dev, progress, on_step)
     order = sorted(range(len(configs)), key=lambda i: configs[i].task.frac_train)
@@ -478,7 +480,7 @@ def _train_stack(members: list[_Member], stack: _Stack, table: TaskData, interru
 
     def save(step: int, j: int) -> None:
         m = members[active[j]]
-        m.store.write_weights(step, stack.state_dict(j))
+        m.store.write_weights(step, stack.state_dict(j), m.config)
         finished = m.stop_reason is not None and m.stop_reason != "interrupted"
         lr = learning_rate(cfg, step) if step > 0 else cfg.lr
         m.store.write_trainer_state(TrainerState(step, stack.optimizer_state(j, m, lr), finished,

@@ -30,17 +30,17 @@ from grokinterp.checkpoints import (
     TrainerState,
     checkpoint_schedule,
     first_step_reaching,
+    fit_weights,
     metrics_step_cutoff,
     weight_norm_sq,
 )
 from grokinterp.config import RunConfig, TrainConfig
 from grokinterp.fastpath import fast_answer_logits, unsupported_reason
 from grokinterp.model import answer_logits, build_model
+from grokinterp.resources import EVAL_CHUNK, check_fits  # EVAL_CHUNK: rows per no-grad forward when evaluating
 from grokinterp.tasks import TaskData, build_task
 
 log = logging.getLogger(__name__)
-
-EVAL_CHUNK = 16_384  # rows per no-grad forward when evaluating the whole table
 
 
 def resolve_device(device: str) -> torch.device:
@@ -181,25 +181,33 @@ def train(
     device: str = "auto",
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    rebuild_log: bool = False,
 ) -> TrainResult:
     """Train ``config`` into ``run_dir`` (a new directory), or continue the run there with ``resume=True``.
 
     On resume the saved config must equal ``config`` except for a larger step budget (and the stopping rule),
     which extends the run. ``on_step`` is called after each update (tests use it to interrupt a run).
+    ``rebuild_log`` (with ``resume``): re-evaluate the checkpoints a truncated metrics log lacks rows for.
     """
     dev = resolve_device(device)
+    # refuse what cannot fit before writing anything (the disk only for a new run: a resume's earlier
+    # checkpoints are already there)
+    check_fits(config, None if resume else Path(run_dir).parent, dev.type)
     if resume:
         store = RunStore(run_dir)
         saved = Run(run_dir).config
         _check_resume_config(saved, config, store.path)
         data = store.read_data()
+        store.check_config(saved, data)  # config.json itself may have been edited since training
+        if rebuild_log and not (store.path / "metrics.jsonl").exists():
+            store.rewrite_metrics([])  # a deleted log is rebuilt like an emptied one
     else:
         data = build_task(config.task.op, config.task.p, config.task.n, config.task.frac_train, config.task.data_seed)
         store = RunStore.create(run_dir, config, data)
     store.lock()
     try:
         with _deterministic(dev):
-            return _train_locked(config, store, data, dev, resume, progress, on_step)
+            return _train_locked(config, store, data, dev, resume, progress, on_step, rebuild_log)
     finally:
         store.unlock()
 
@@ -245,7 +253,8 @@ def _check_resume_config(saved: RunConfig, asked: RunConfig, path: Path) -> None
                        f"{saved.train.steps}; give a larger budget or none")
 
 
-def _train_locked(config, store: RunStore, data: TaskData, dev, resume, progress, on_step) -> TrainResult:
+def _train_locked(config, store: RunStore, data: TaskData, dev, resume, progress, on_step,
+                  rebuild_log=False) -> TrainResult:
     cfg = config.train
     started = time.perf_counter()
     model = build_model(config.model, data.n_symbols, device=dev)
@@ -262,13 +271,18 @@ def _train_locked(config, store: RunStore, data: TaskData, dev, resume, progress
         store.rewrite_metrics([])
         store.write_config(config)
     elif resume:
+        if rebuild_log:
+            _rebuild_log(store, model, data, forward, cfg, state.step)
         logged = {row["step"] for row in store.read_metrics()}
         expected = state.step - state.step % cfg.eval_every
-        if expected not in logged:  # every evaluation up to the checkpoint is in the log of an intact run
+        # every evaluation up to the checkpoint is in the log of an intact run; a rebuilt log has the checkpoint's
+        if expected not in logged and state.step not in logged:
             raise RunError(f"{store.path / 'metrics.jsonl'} has no row for step {expected}, before the checkpoint to "
                            f"resume from (step {state.step}): the log was truncated or replaced; restore it, or "
-                           "train a new run")
-        model.load_state_dict(store.read_weights(state.step))
+                           "re-evaluate the checkpoints it lacks (rows between checkpoints are lost) with: "
+                           f"grokinterp train --resume {store.path} --rebuild-log")
+        tensors, _, file = store.read_checkpoint(state.step)
+        fit_weights(model, tensors, file)
         optimizer.load_state_dict(state.optimizer)
         step = state.step
         store.rewrite_metrics(metrics_step_cutoff(store.read_metrics(), step))
@@ -289,11 +303,11 @@ def _train_locked(config, store: RunStore, data: TaskData, dev, resume, progress
         return row
 
     def save(step: int, stop_reason: str | None) -> None:
-        store.write_weights(step, model.state_dict())
+        store.write_weights(step, model.state_dict(), config)
         finished = stop_reason is not None and stop_reason != "interrupted"
         store.write_trainer_state(TrainerState(step, optimizer.state_dict(), finished, stop_reason or ""))
 
-    if step == 0:
+    if state is None:  # a new run (or one that never completed a checkpoint); a resume from step 0 has its row
         rows = [log_row(0)]
         save(0, None)
     else:
@@ -346,6 +360,25 @@ def _train_locked(config, store: RunStore, data: TaskData, dev, resume, progress
     if bar is not None:
         bar.close()
     return TrainResult(Run(store.path), step, stop_reason, time.perf_counter() - started)
+
+
+def _rebuild_log(store: RunStore, model, data: TaskData, forward, cfg: TrainConfig, upto: int) -> None:
+    """Keep the metrics log's intact rows and append a row for every checkpoint after them, up to step ``upto``,
+    evaluated as training evaluates. Rows between checkpoints cannot be recovered. A rebuilt row has ``rebuilt``
+    = 1 and the last intact row's ``time_s`` (its own wall time is unknown)."""
+    rows = store.read_metrics(stop_at_damage=True)
+    last = rows[-1]["step"] if rows else -1
+    time_s = rows[-1]["time_s"] if rows else 0.0
+    steps = [s for s in store.steps() if last < s <= upto]
+    for step in steps:
+        tensors, _, file = store.read_checkpoint(step)
+        fit_weights(model, tensors, file)
+        model.eval()
+        rows.append({"step": step, **evaluate(model, data, forward), "weight_norm_sq": weight_norm_sq(model.parameters()),
+                     "lr": learning_rate(cfg, max(step, 1)), "time_s": time_s, "rebuilt": 1})
+    store.rewrite_metrics(rows)
+    log.info("rebuilt %s: kept %d rows, re-evaluated %d checkpoints", store.path / "metrics.jsonl",
+             len(rows) - len(steps), len(steps))
 
 
 def _stop_reason(cfg: TrainConfig, step: int, reached_at: int | None, interrupted: bool, loss_finite: bool):

@@ -28,7 +28,7 @@ def test_weights_round_trip_exactly(tmp_path, tiny):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p))  # weights no initializer would give
-    store.write_weights(17, model.state_dict())
+    store.write_weights(17, model.state_dict(), config)
     run = load_run(tmp_path / "run")
     assert run.steps == [17]
     loaded = run.model(17)
