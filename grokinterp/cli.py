@@ -224,6 +224,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from grokinterp.analyze import analysis_dir
+    from grokinterp.resources import check_fits
     from grokinterp.sweep import (  # heavy imports only when training
         check_stackable,
         member_name,
@@ -233,7 +234,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         write_data_efficiency,
         write_manifest,
     )
-    from grokinterp.resources import check_fits
     from grokinterp.trainer import resolve_device
 
     overrides = _overrides(args)
@@ -253,7 +253,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     name = _plain_name(args.name or f"{preset}_{base.task.op}_sweep_{time.strftime('%Y%m%d-%H%M%S')}")
     folder = Path(args.out) / name
     device = resolve_device(args.device)  # refuse a bad --device before writing anything
-    _check_output_folder(Path(args.analyses_out) / name, "--analyses-out")
+    _check_output_folder(analysis_dir(folder, args.analyses_out), "--analyses-out")
     check_fits(configs[0], Path(args.out), device.type, models=min(args.group_size, len(configs)))  # one group at once
     if folder.exists():
         raise UsageError(f"sweep folder {folder} already exists; pick another --name (continue one of its runs "
