@@ -1,7 +1,8 @@
 """Training speed, side by side in one process: the reference loop against grokinterp, one run and many at once.
 
-    python benchmarks/train_speed.py                 # everything, ~8 min on 2 cores
+    python benchmarks/train_speed.py                 # everything, ~10 min on 2 cores
     python benchmarks/train_speed.py --only single   # just the single-run comparison
+    python benchmarks/train_speed.py --only phases --cpu-time   # early vs post-memorization, on a shared machine
 
 What it measures on the ``nanda2023`` configuration (x+y mod 113, 30% data, full batch):
 
@@ -15,18 +16,32 @@ What it measures on the ``nanda2023`` configuration (x+y mod 113, 30% data, full
 * stacked: ``grokinterp.sweep.train_many`` with K = 1, 4, 16 members, in models·steps/s, against one run after
   another with the ordinary trainer, both over the same steps of the same schedule; then the same on a small table
   (x+y mod 23), where one model's step is mostly fixed overhead.
+* phases: the same reference loop and trainer rows again, started from a post-memorization checkpoint (training
+  loss below 1e-6, where d(loss)/d(logits) starts to hold float32 denormals): the benchmark trains nanda2023 with
+  the trainer until its first checkpoint past that loss (step 1,200), then times each loop from that
+  checkpoint's weights and optimizer state, and the trainer again with denormals kept (``grokinterp.denormals``
+  off), which is how it ran before. The whole-run figure for nanda2023's 40,000 steps is the measured time of
+  those first steps plus the rest projected at the post-memorization rate (evaluations and checkpoints
+  included): after memorization every step has the same shapes and, with denormals flushed, no value-dependent
+  cost, so one window stands for the plateau, the cleanup and what follows. ``--whole-run`` trains all 40,000
+  steps instead.
 * checkpoint: milliseconds to save one checkpoint (weights and optimizer state, checksummed and fsynced).
 * sharpness: seconds to analyse every checkpoint of a short run for sharpness.
 
 Each row also gives the peak resident memory of its phase. Ratios compare numbers taken minutes apart in one
-process, so they are fair to each other; the absolute numbers move with whatever else the machine runs.
+process, so they are fair to each other; the absolute numbers move with whatever else the machine runs (on a
+machine other jobs share, ``--cpu-time`` times one thread by this process's CPU time instead). The header names
+the CPU and the load: the cost of denormals differs a lot between CPU models (a large penalty on Intel cores).
 """
 
 import argparse
 import contextlib
 import io
+import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +52,8 @@ import torch
 
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
 
+import grokinterp.denormals as denormals  # noqa: E402
+from grokinterp.checkpoints import RunStore, checkpoint_schedule  # noqa: E402
 from grokinterp.config import get_preset  # noqa: E402
 from grokinterp.model import answer_logits, build_model  # noqa: E402
 from grokinterp.tasks import build_task  # noqa: E402
@@ -47,16 +64,22 @@ class Stop(Exception):
     pass
 
 
-class StepTimer:
-    """An ``on_step`` hook: times steps warmup+1 .. warmup+steps, then stops the training by raising Stop."""
+POST_MEMORIZATION_LOSS = 1e-6  # training loss of the checkpoint the late-phase rows start from
+clock = time.perf_counter
+"""What steps are timed by: wall time, or with --cpu-time this process's CPU time (see main)."""
 
-    def __init__(self, dev: torch.device, warmup: int, steps: int):
-        self.dev, self.first, self.last, self.marks = dev, warmup, warmup + steps, {}
+
+class StepTimer:
+    """An ``on_step`` hook: times steps start+warmup+1 .. start+warmup+steps, then stops the training by raising
+    Stop (``start``: the step a resumed run starts from)."""
+
+    def __init__(self, dev: torch.device, warmup: int, steps: int, start: int = 0):
+        self.dev, self.first, self.last, self.marks = dev, start + warmup, start + warmup + steps, {}
 
     def __call__(self, step: int) -> None:
         if step in (self.first, self.last):
             sync(self.dev)
-            self.marks[step] = time.perf_counter()
+            self.marks[step] = clock()
         if step == self.last:
             raise Stop
 
@@ -107,28 +130,135 @@ def demo_step(model, optimizer, forward, tokens, labels, lr: float) -> None:
     optimizer.step()
 
 
-def reference_loop(config, dev: torch.device, steps: int, warmup: int) -> float:
-    """Steps/s of the demo loop: full-batch HookedTransformer forward, float64 loss, AdamW with warm-up."""
+def cpu_model() -> str:
+    """The CPU's model name, as lscpu (or /proc/cpuinfo) gives it, with the x86 family/model numbers where the name
+    is generic (a VM may show only 'AMD EPYC')."""
+    fields = {}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines())}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if "Model name" not in fields:
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                key, _, value = line.partition(":")
+                fields.setdefault({"model name": "Model name", "cpu family": "CPU family", "model": "Model",
+                                   "vendor_id": "Vendor ID"}.get(key.strip(), key.strip()), value.strip())
+        except OSError:
+            pass
+    name = fields.get("Model name") or platform.processor() or platform.machine()
+    if "CPU family" in fields:
+        name += f" ({fields.get('Vendor ID', '?')}, family {fields['CPU family']}, model {fields.get('Model', '?')})"
+    return name
+
+
+def load_average() -> str:
+    try:
+        return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "load average unknown"
+
+
+def reference_loop(config, dev: torch.device, steps: int, warmup: int, checkpoint: Path | None = None) -> float:
+    """Steps/s of the demo loop: full-batch HookedTransformer forward, float64 loss, AdamW with warm-up; from
+    initialization, or from ``checkpoint`` (a run directory: its latest weights and optimizer state)."""
     t = config.task
     data = build_task(t.op, t.p, t.n, t.frac_train, t.data_seed).to(dev)
     model = build_model(config.model, data.n_symbols, device=dev)
     cfg = config.train
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+    first = 0
+    if checkpoint is not None:
+        store = RunStore(checkpoint)
+        state = store.read_trainer_state()
+        model.load_state_dict(store.read_weights(state.step))
+        optimizer.load_state_dict(state.optimizer)
+        first = state.step
     tokens, labels = data.tokens[data.train_idx], data.labels[data.train_idx]
-    for step in range(1, warmup + steps + 1):
-        if step == warmup + 1:
+    for step in range(first + 1, first + warmup + steps + 1):
+        if step == first + warmup + 1:
             sync(dev)
-            start = time.perf_counter()
+            start = clock()
         demo_step(model, optimizer, answer_logits, tokens, labels, learning_rate(cfg, step))
     sync(dev)
-    return steps / (time.perf_counter() - start)
+    return steps / (clock() - start)
 
 
 def trainer_speed(config, dev: torch.device, steps: int, warmup: int, folder: Path) -> float:
     """Steps/s of grokinterp.train on the config's real budget and schedule, stopped after warmup + steps."""
     return StepTimer(dev, warmup, steps).rate(train, config, folder / f"run{len(list(folder.iterdir()))}",
                                                device=str(dev), progress=False)
+
+
+def train_past_memorization(config, dev: torch.device, folder: Path) -> tuple[Path, int, float, float]:
+    """Train ``config`` with the trainer until its first checkpoint whose logged training loss is below
+    POST_MEMORIZATION_LOSS; returns the run directory (its latest checkpoint is that one), the step, the loss and
+    the wall time of the whole run so far (evaluations and checkpoints included)."""
+    run_dir = folder / "memorized"
+    schedule = set(checkpoint_schedule(config.train.steps, config.train.checkpoints, config.train.log_checkpoints))
+    last = {}
+
+    def on_step(step: int) -> None:
+        if step - 1 in schedule and step > 1:
+            with open(run_dir / "metrics.jsonl") as log:
+                row = json.loads(log.readlines()[-1])
+            if row["step"] == step - 1 and row["train_loss"] < POST_MEMORIZATION_LOSS:
+                last.update(row)
+                raise Stop  # before step ``step`` is logged or saved: the run ends at its checkpoint step - 1
+
+    start = clock()
+    try:
+        train(config, run_dir, device=str(dev), progress=False, on_step=on_step)
+    except Stop:
+        pass
+    seconds = clock() - start
+    if not last:
+        raise SystemExit(f"the training loss never went below {POST_MEMORIZATION_LOSS:g} within the budget")
+    return run_dir, int(last["step"]), float(last["train_loss"]), seconds
+
+
+def denormal_share(checkpoint: Path) -> float:
+    """The fraction of float32 entries of d(loss)/d(logits) that are denormal at ``checkpoint``'s latest step (the
+    training loss on the fast path's logits, as the trainer computes it, with nothing flushed)."""
+    from grokinterp.checkpoints import load_run
+    from grokinterp.fastpath import fast_answer_logits
+
+    run = load_run(checkpoint)
+    model, data = run.model(run.steps[-1]), run.data
+    logits = fast_answer_logits(model, data.tokens[data.train_idx]).detach().requires_grad_()
+    answer_loss(logits, data.labels[data.train_idx]).backward()
+    bits = logits.grad.view(torch.int32)
+    return float(((bits & 0x7F800000) == 0).logical_and_((bits & 0x007FFFFF) != 0).double().mean())
+
+
+def trainer_from(checkpoint: Path, config, dev: torch.device, steps: int, warmup: int, folder: Path,
+                 flush: bool = True) -> float:
+    """Steps/s of grokinterp.train resuming a copy of ``checkpoint`` (its config's schedule, so evaluations and
+    checkpoints are included), with ``config`` in its config file and in its latest checkpoint's record (the
+    benchmark swaps --no-fast-path in; a user's resume could not) and denormals flushed or, with ``flush=False``, kept as before this change."""
+    copy = folder / f"resumed{len(list(folder.iterdir()))}"
+    shutil.copytree(checkpoint, copy)
+    (copy / ".lock").unlink(missing_ok=True)
+    store = RunStore(copy)
+    store.write_config(config)
+    start = store.read_trainer_state().step
+    # the latest checkpoint records the config that trained it, and a resume checks config.json against that record
+    store.write_weights(start, store.read_weights(start), config)
+    denormals._FLUSH = flush
+    try:
+        return StepTimer(dev, warmup, steps, start).rate(train, config, copy, resume=True, device=str(dev),
+                                                          progress=False)
+    finally:
+        denormals._FLUSH = True
+
+
+def whole_run(config, dev: torch.device, folder: Path) -> float:
+    """Seconds for ``config``'s whole budget, trained for real."""
+    start = clock()
+    train(config, folder / "whole", device=str(dev), progress=False)
+    return clock() - start
 
 
 def parity(config, dev: torch.device, steps: int, dtype: torch.dtype) -> tuple[float, float]:
@@ -205,12 +335,23 @@ def main() -> None:
     parser.add_argument("--stack-steps", type=int, default=40, help="timed steps per stacked measurement")
     parser.add_argument("--ks", default="1,4,16", help="stack sizes to time")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--only", choices=["single", "stacked", "sharpness"], default=None)
+    parser.add_argument("--only", choices=["single", "phases", "stacked", "sharpness"], default=None)
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="one torch thread, steps timed by this process's CPU time: for a machine that other "
+                             "jobs share, where wall time measures the share this process got")
+    parser.add_argument("--whole-run", action="store_true",
+                        help="train nanda2023's whole 40,000-step budget instead of projecting it (~15 min)")
     args = parser.parse_args()
+    if args.cpu_time:
+        global clock
+        torch.set_num_threads(1)  # CPU time of several threads would count their barrier waits as work
+        clock = time.process_time
     dev = resolve_device(args.device)
     config = get_preset("nanda2023")
-    print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, device {dev}", flush=True)
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {cpu_model()}, {os.cpu_count()} cores, "
+          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, device {dev}, {load_average()}, "
+          f"timed by {'CPU' if args.cpu_time else 'wall'} time",
+          flush=True)
     print(f"# nanda2023: x+y mod 113, {config.task.frac_train:.0%} data, full batch", flush=True)
     rows = []
 
@@ -222,17 +363,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         steady = config.replace(log_checkpoints=0)  # a run's schedule after its first 1,000 steps
-        if args.only in (None, "single", "stacked"):
+        if args.only in (None, "single", "phases", "stacked"):
             reset_peak_memory(dev)
             ref = reference_loop(config, dev, args.steps, warmup=5)
             row("reference loop (demo), steps/s", f"{ref:.2f}", "1.00x", peak_memory_mb(dev))
-        if args.only in (None, "single"):
+        if args.only in (None, "single", "phases"):
             reset_peak_memory(dev)
             plain = trainer_speed(steady.replace(fast_path=False), dev, args.steps, 20, folder)
             row("grokinterp train --no-fast-path, steps/s", f"{plain:.2f}", f"{plain / ref:.2f}x", peak_memory_mb(dev))
             reset_peak_memory(dev)
             fast = trainer_speed(steady, dev, args.steps, 20, folder)
             row("grokinterp train (fast path), steps/s", f"{fast:.2f}", f"{fast / ref:.2f}x", peak_memory_mb(dev))
+        if args.only in (None, "single"):
             early = trainer_speed(config, dev, args.steps, 20, folder)
             row("  the same, early schedule (16 saves), steps/s", f"{early:.2f}", f"{early / ref:.2f}x")
             row("checkpoint save, ms", f"{save_ms(config, dev, folder):.1f}", "")
@@ -241,6 +383,31 @@ def main() -> None:
                 name = str(dtype).removeprefix("torch.")
                 row(f"{name}, 100 steps: max |Δw| fast vs plain", f"{fast_gap:.1e}", "")
                 row(f"{name}, 100 steps: |Δw| plain vs rows reordered", f"{order_gap:.1e}", "")
+        if args.only in (None, "phases"):
+            memorized, at, loss, seconds = train_past_memorization(steady, dev, folder)
+            print(f"# post-memorization checkpoint: step {at}, training loss {loss:.1e}, "
+                  f"{denormal_share(memorized):.1%} of d(loss)/d(logits) denormal; reached in {seconds:.0f} s "
+                  f"({at / seconds:.1f} steps/s with evaluations and checkpoints)", flush=True)
+            late = f"from step {at} (loss {loss:.0e})"
+            late_ref = reference_loop(config, dev, args.steps, 5, checkpoint=memorized)
+            row(f"reference loop {late}, steps/s", f"{late_ref:.2f}", f"{late_ref / ref:.2f}x early")
+            late_plain = trainer_from(memorized, steady.replace(fast_path=False), dev, args.steps, 20, folder)
+            row(f"train --no-fast-path {late}, steps/s", f"{late_plain:.2f}", f"{late_plain / late_ref:.2f}x late")
+            kept_plain = trainer_from(memorized, steady.replace(fast_path=False), dev, args.steps, 20, folder,
+                                      flush=False)
+            row("  the same with denormals kept, steps/s", f"{kept_plain:.2f}", f"{kept_plain / late_ref:.2f}x late")
+            late_fast = trainer_from(memorized, steady, dev, args.steps, 20, folder)
+            row(f"train (fast path) {late}, steps/s", f"{late_fast:.2f}", f"{late_fast / late_ref:.2f}x late")
+            kept_fast = trainer_from(memorized, steady, dev, args.steps, 20, folder, flush=False)
+            row("  the same with denormals kept, steps/s", f"{kept_fast:.2f}", f"{kept_fast / late_ref:.2f}x late")
+            budget = steady.train.steps
+            if args.whole_run:
+                whole = whole_run(steady, dev, folder)
+                row(f"nanda2023, all {budget:,} steps (trained), min", f"{whole / 60:.1f}", "")
+            else:
+                whole = seconds + (budget - at) / late_fast
+                row(f"nanda2023, {budget:,} steps (projected), min", f"{whole / 60:.1f}",
+                    f"{budget / whole:.1f} steps/s")
         if args.only in (None, "stacked"):
             small = get_preset("quick").replace(p=23, steps=40_000, eval_every=20, checkpoints=400, log_checkpoints=0,
                                                 stop_val_acc=0.0)

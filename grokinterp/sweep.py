@@ -42,6 +42,7 @@ from grokinterp.checkpoints import (
     write_text_atomic,
 )
 from grokinterp.config import ConfigError, RunConfig, TrainConfig
+from grokinterp.denormals import flush_denormals
 from grokinterp.errors import RunError
 from grokinterp.fastpath import answer_logits_from_params
 from grokinterp.model import build_model
@@ -209,7 +210,8 @@ def train_many(
     order = sorted(range(len(configs)), key=lambda i: configs[i].task.frac_train)
     groups = [order[i : i + group_size] for i in range(0, len(order), group_size)]
     results: dict[int, TrainResult] = {}
-    with _deterministic(dev), _Interrupt() as interrupt:  # deterministic CPU kernels, as in train()
+    # deterministic CPU kernels and denormals flushed on every CPU thread, as in train()
+    with _deterministic(dev), flush_denormals(enabled=dev.type == "cpu"), _Interrupt() as interrupt:
         for g, group in enumerate(groups):
             if interrupt.requested:
                 break

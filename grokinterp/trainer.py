@@ -35,6 +35,7 @@ from grokinterp.checkpoints import (
     weight_norm_sq,
 )
 from grokinterp.config import RunConfig, TrainConfig
+from grokinterp.denormals import flush_denormals
 from grokinterp.fastpath import fast_answer_logits, unsupported_reason
 from grokinterp.model import answer_logits, build_model
 from grokinterp.resources import EVAL_CHUNK, check_fits  # EVAL_CHUNK: rows per no-grad forward when evaluating
@@ -188,6 +189,9 @@ def train(
     On resume the saved config must equal ``config`` except for a larger step budget (and the stopping rule),
     which extends the run. ``on_step`` is called after each update (tests use it to interrupt a run).
     ``rebuild_log`` (with ``resume``): re-evaluate the checkpoints a truncated metrics log lacks rows for.
+
+    On the CPU, float values below float32's smallest normal number are computed as zero while it trains (on every
+    torch thread; see ``grokinterp.denormals``); the caller's mode is restored afterwards.
     """
     dev = resolve_device(device)
     # refuse what cannot fit before writing anything (the disk only for a new run: a resume's earlier
@@ -206,7 +210,9 @@ def train(
         store = RunStore.create(run_dir, config, data)
     store.lock()
     try:
-        with _deterministic(dev):
+        # Denormals flushed on every CPU thread: after memorization they made each step several times slower on
+        # Intel cores (grokinterp.denormals). On in every process that trains, so a resumed run stays bit-exact.
+        with _deterministic(dev), flush_denormals(enabled=dev.type == "cpu"):
             return _train_locked(config, store, data, dev, resume, progress, on_step, rebuild_log)
     finally:
         store.unlock()

@@ -169,12 +169,15 @@ def test_fast_answer_logits_folds_exactly_the_models_without_normalization(monke
 
 
 def test_training_matches_the_plain_forward():
-    """100 full-batch AdamW steps from one init end at the same weights.
+    """100 full-batch AdamW steps from one init end at the same weights, in float64.
 
-    Measured: max |Δw| / max(|w|, 1) = 3.1e-5 over all parameters (float32 rounding, amplified by Adam)."""
+    The claim is made in float64 because in float32 two summation orders of the same function part chaotically
+    once Adam divides a rounding difference by a near-zero gradient: this comparison gave 3.1e-5 relative on an
+    AMD EPYC and 0.062 on an Intel Xeon. Float32 is checked per step instead
+    (test_float32_gradients_are_as_accurate_as_the_models_own). Measured in float64: 5.5e-14 relative."""
     data = build_task("add", 23, 5, 0.5, 0)
     tokens, labels = data.tokens[data.train_idx], data.labels[data.train_idx]
-    models = {"plain": make_model(ModelConfig(**TINY), data.n_symbols)}
+    models = {"plain": make_model(ModelConfig(**TINY), data.n_symbols).to(torch.float64)}
     models["fast"] = copy.deepcopy(models["plain"])
     for name, model in models.items():
         forward = answer_logits if name == "plain" else fast_answer_logits
@@ -188,9 +191,9 @@ def test_training_matches_the_plain_forward():
     assert loss.item() < 0.5  # it did train, so the comparison is not between two untouched inits
     plain, fast = dict(models["plain"].named_parameters()), dict(models["fast"].named_parameters())
     worst = max(((fast[n] - plain[n]).abs().max() / plain[n].abs().max().clamp_min(1.0)).item() for n in plain)
-    print(f"max |Δw| / max |w| after 100 steps: {worst:.2g}")
+    print(f"max |Δw| / max |w| after 100 float64 steps: {worst:.2g}")
     for name in plain:
-        assert_close(fast[name], plain[name], rel=1e-4)
+        assert_close(fast[name], plain[name], rel=1e-10)
 
 
 def test_vmap_over_models_gives_each_models_logits():

@@ -1,3 +1,6 @@
+import contextlib
+import copy
+import io
 import json
 import os
 import signal
@@ -11,17 +14,16 @@ from grokinterp.checkpoints import RunStore, load_run
 from grokinterp.cli import main
 from grokinterp.config import ConfigError
 from grokinterp.errors import RunError
+from grokinterp.model import answer_logits, build_model
 from grokinterp.plots import censored_median, data_efficiency_figure
-from grokinterp.sweep import data_efficiency, member_name, sweep_configs, train_many
+from grokinterp.sweep import _batch, _Member, _Stack, data_efficiency, member_name, sweep_configs, train_many
 from grokinterp.tasks import build_task
-from grokinterp.trainer import train
+from grokinterp.trainer import answer_loss, forward_for, train
 
-# Float32 rounding, amplified by Adam where a gradient is nearly zero (a barely active ReLU neuron), moves the tiny
-# run's weights by ~1e-5 within a few dozen steps: the ordinary trainer alone drifts by 1.2e-5 when its forward
-# merely splits the batch in two. Measured here, stacked vs ordinary, max |diff| at step 60 over the three runs:
-# 2.8e-5 (adamw, full batch, fast path), 1.4e-5 (the same through the HookedTransformer forward), 5e-8 (adam,
-# minibatch, trained biases except b_K).
-WEIGHT_TOL = 1e-4
+# Stacked and ordinary training are compared over whole runs in float64 (the ``float64_training`` fixture), where
+# two implementations of one step stay ~1e-13 apart; in float32 their trajectories part chaotically, by an amount
+# that depends on the CPU. The float32 claim is per step: test_stacked_float32_gradients_are_as_accurate below.
+WEIGHT_TOL = 1e-9
 
 
 def _max_diff(a: dict, b: dict, skip: frozenset = frozenset()) -> float:
@@ -40,7 +42,7 @@ def _three(tiny, **shared):
 @pytest.mark.parametrize("shared", [{}, {"optimizer": "adam", "batch_size": 8, "freeze_biases": False},
                                     {"fast_path": False}],
                          ids=["adamw-full-batch", "adam-minibatch-biases", "hooked-forward"])
-def test_stacked_runs_match_the_ordinary_trainer(tmp_path, tiny, shared):
+def test_stacked_runs_match_the_ordinary_trainer(tmp_path, tiny, shared, float64_training):
     configs = _three(tiny, **shared)
     # group_size 2: the runs are trained in two consecutive stacks (sorted by fraction: 0.4 + 0.6, then 0.8)
     results = train_many(configs, [tmp_path / f"m{i}" for i in range(3)], device="cpu", progress=False,
@@ -61,8 +63,10 @@ def test_stacked_runs_match_the_ordinary_trainer(tmp_path, tiny, shared):
         a, b = ours.metrics, ref.metrics
         assert list(a.columns) == list(b.columns) and list(a.step) == list(b.step)
         assert list(a.train_acc) == list(b.train_acc) and list(a.val_acc) == list(b.val_acc)
-        for col in ("train_loss", "val_loss", "weight_norm_sq"):
-            assert a[col].to_numpy() == pytest.approx(b[col].to_numpy(), rel=1e-3), col
+        for col in ("train_loss", "val_loss"):
+            assert a[col].to_numpy() == pytest.approx(b[col].to_numpy(), rel=1e-9), col
+        # Σ‖θ‖² includes b_K, whose random walk (see above) moves it by ~1e-7 relative
+        assert a.weight_norm_sq.to_numpy() == pytest.approx(b.weight_norm_sq.to_numpy(), rel=1e-9 if not noise else 1e-5)
         assert list(a.lr) == list(b.lr)
         # the optimizer state is what torch.optim writes, so the ordinary trainer can resume from it
         sa, sb = ours.trainer_state, ref.trainer_state
@@ -81,7 +85,7 @@ def test_stacked_runs_match_the_ordinary_trainer(tmp_path, tiny, shared):
         assert all((ours.state_dict()[k] == 0).all() for k in biases) == frozen
 
 
-def test_passes_of_a_few_models_change_nothing(tmp_path, tiny, monkeypatch):
+def test_passes_of_a_few_models_change_nothing(tmp_path, tiny, monkeypatch, float64_training):
     configs = _three(tiny, steps=30)
     whole = train_many(configs, [tmp_path / f"w{i}" for i in range(3)], device="cpu", progress=False)
     monkeypatch.setattr("grokinterp.sweep.CPU_ROWS_PER_PASS", 1)  # one model per forward/backward pass
@@ -91,7 +95,7 @@ def test_passes_of_a_few_models_change_nothing(tmp_path, tiny, monkeypatch):
         assert list(a.run.metrics.val_acc) == list(b.run.metrics.val_acc)
 
 
-def test_a_member_resumes_with_the_ordinary_trainer(tmp_path, tiny):
+def test_a_member_resumes_with_the_ordinary_trainer(tmp_path, tiny, float64_training):
     configs = _three(tiny, steps=30)[:2]
     results = train_many(configs, [tmp_path / "a", tmp_path / "b"], device="cpu", progress=False)
     member = results[1].run
@@ -102,6 +106,40 @@ def test_a_member_resumes_with_the_ordinary_trainer(tmp_path, tiny):
     assert _max_diff(resumed.run.state_dict(60), whole.state_dict(60)) < WEIGHT_TOL
     steps = resumed.run.metrics.step
     assert steps.is_monotonic_increasing and steps.is_unique and steps.iloc[-1] == 60
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "hooked-forward"])
+def test_stacked_float32_gradients_are_as_accurate_as_the_ordinary_trainers(tmp_path, tiny, fast_path):
+    """One float32 step of the stack gives each member a gradient as close to the float64 one as the ordinary
+    trainer's own float32 gradient is, up to float32 rounding (the per-step half of the comparison above;
+    measured, relative to the largest entry: at most 7.2e-7 for the stack and 5.6e-7 for the trainer)."""
+    configs = _three(tiny, fast_path=fast_path)
+    datas = [build_task(c.task.op, c.task.p, c.task.n, c.task.frac_train, c.task.data_seed) for c in configs]
+    members = [_Member(c, RunStore.create(tmp_path / str(i), c, d), d.train_idx, d.val_idx)
+               for i, (c, d) in enumerate(zip(configs, datas))]
+    stack = _Stack(members, datas[0].n_symbols, torch.device("cpu"))
+    stack.forward_backward(*_batch(members, datas[0], 1))
+    for k, (config, data) in enumerate(zip(configs, datas)):
+        model = build_model(config.model, data.n_symbols)
+        with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens announces the dtype change
+            exact = copy.deepcopy(model).to(torch.float64)
+        tokens, labels = data.tokens[data.train_idx], data.labels[data.train_idx]
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+
+        def gradients(model, forward):
+            params = dict(model.named_parameters())
+            loss = answer_loss(forward(model, tokens), labels)
+            return dict(zip(trainable, torch.autograd.grad(loss, [params[n] for n in trainable])))
+
+        truth = gradients(exact, answer_logits)
+        own = gradients(model, forward_for(model, config.train))
+
+        def error(grads):
+            return max(float((grads[n].double() - truth[n]).abs().max() / truth[n].abs().max()) for n in trainable)
+
+        stacked = error({n: stack.params[n].grad[k] for n in trainable})
+        assert 0 < error(own) < 1e-6
+        assert stacked <= max(4 * error(own), 1e-6), (stacked, error(own))
 
 
 def test_members_stop_on_their_own(tmp_path, tiny):
