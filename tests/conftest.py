@@ -42,3 +42,17 @@ def float64_training(monkeypatch):
 
     monkeypatch.setattr(grokinterp.trainer, "build_model", build_float64)
     monkeypatch.setattr(grokinterp.sweep, "build_model", build_float64)
+
+
+def cli_flags(sections: dict) -> list[str]:
+    """The command-line flags that set these config values, given as ``{section: {field: value}}`` (the shape of
+    ``RunConfig.to_dict()``); floats are written with repr, so they come back exactly."""
+    flags = []
+    for values in sections.values():
+        for key, value in values.items():
+            flag = "--" + key.replace("_", "-")
+            if isinstance(value, bool):
+                flags.append(flag if value else "--no-" + flag[2:])
+            else:
+                flags += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return flags

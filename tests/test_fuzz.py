@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_flags
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -91,18 +92,6 @@ valid_sections = st.fixed_dictionaries(
      for name, fields in FIELD_VALUES.items()})
 
 
-def _as_flags(sections: dict) -> list[str]:
-    flags = []
-    for values in sections.values():
-        for key, value in values.items():
-            flag = "--" + key.replace("_", "-")
-            if isinstance(value, bool):
-                flags.append(flag if value else "--no-" + flag[2:])
-            else:
-                flags += [flag, repr(value) if isinstance(value, float) else str(value)]
-    return flags
-
-
 def test_train_flags_are_accepted_or_refused_in_one_line(capsys):
     """Random valid flags (and some junk before them) either train a run whose saved config is exactly what was
     asked, or are refused in one line and leave no run behind."""
@@ -114,7 +103,7 @@ def test_train_flags_are_accepted_or_refused_in_one_line(capsys):
     def check(sections, junk, bare, preset):
         # the valid flags come last, so they win over junk that names the same field: the run stays small
         argv = ["train", *(["--preset", preset] if preset else []), *[t for pair in junk for t in pair], *bare,
-                *_as_flags(sections), "--name", "run", "--device", "cpu", "--no-progress"]
+                *cli_flags(sections), "--name", "run", "--device", "cpu", "--no-progress"]
         capsys.readouterr()
         with tempfile.TemporaryDirectory() as tmp:
             cwd = os.getcwd()

@@ -14,34 +14,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_flags
 
 from grokinterp.analyze import analyze
 from grokinterp.checkpoints import RunStore, load_run
-from grokinterp.config import SECTIONS, RunConfig
+from grokinterp.config import RunConfig
 from grokinterp.metrics.weights import weight_norms
 from grokinterp.trainer import train
 
 KILLS = int(os.environ.get("GROKINTERP_KILLS", "3"))
 
 
-def cli_flags(config: RunConfig) -> list[str]:
-    """The command-line flags that reproduce ``config`` exactly."""
-    flags = []
-    for section in SECTIONS:
-        for key, value in config.to_dict()[section].items():
-            flag = "--" + key.replace("_", "-")
-            if isinstance(value, bool):
-                flags.append(flag if value else "--no-" + flag[2:])
-            else:
-                flags += [flag, repr(value) if isinstance(value, float) else str(value)]
-    return flags
-
-
 def start_training(run_dir: Path, config: RunConfig) -> subprocess.Popen:
     if run_dir.exists():
         argv = ["train", "--resume", str(run_dir)]
     else:
-        argv = ["train", "--out", str(run_dir.parent), "--name", run_dir.name, *cli_flags(config)]
+        argv = ["train", "--out", str(run_dir.parent), "--name", run_dir.name, *cli_flags(config.to_dict())]
     return subprocess.Popen([sys.executable, "-m", "grokinterp", *argv, "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -175,7 +163,7 @@ def test_a_second_process_cannot_train_a_run_being_trained(tmp_path, tiny, capsy
         run_dir = tmp_path / "busy"
         proc = start_training(run_dir, config)
     else:
-        flags = [f for f in cli_flags(config)]
+        flags = cli_flags(config.to_dict())
         for grid_flag in ("--frac-train", "--weight-decay", "--model-seed", "--data-seed"):  # set by the grid
             i = flags.index(grid_flag)
             del flags[i:i + 2]
