@@ -9,6 +9,7 @@ import dataclasses
 import inspect
 import json
 import math
+import sys
 import textwrap
 from dataclasses import dataclass, field
 from typing import Any
@@ -173,6 +174,15 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        # A float below the smallest normal float64 (a subnormal, e.g. 1e-310) is read as 0 by a CPU thread that
+        # flushes denormals, as training does (grokinterp.denormals): its repr there is '0.0', so the config that
+        # trained a run would be recorded differently from config.json. No hyperparameter means anything there.
+        for section in (self.task, self.model, self.train):
+            for f in dataclasses.fields(section):
+                value = getattr(section, f.name)
+                if isinstance(value, float) and value != 0 and abs(value) < sys.float_info.min:
+                    raise ConfigError(f"--{f.name.replace('_', '-')} {value!r} is below the smallest normal float "
+                                      f"({sys.float_info.min:.3g}); use 0 or a larger value")
         n_params = parameter_count(self.task, self.model)
         if n_params > MAX_PARAMETERS:
             raise ConfigError(f"the model would have {n_params:,} parameters (more than {MAX_PARAMETERS:,}); "

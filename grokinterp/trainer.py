@@ -322,6 +322,8 @@ def _train_locked(config, store: RunStore, data: TaskData, dev, resume, progress
     threshold = cfg.stop_val_acc
     reached_at = first_step_reaching(rows, "val_acc", threshold) if threshold > 0 else None
     stop_reason = _stop_reason(cfg, step, reached_at, interrupted=False, loss_finite=True)
+    if state is None and stop_reason is not None:  # the initialization already meets the stop rule: a finished run
+        save(0, stop_reason)
     if resume and stop_reason == "early_stop":
         log.info("the run met its stop rule (val acc %.2f at step %d); resume with --stop-val-acc 0 to train on",
                  threshold, reached_at)

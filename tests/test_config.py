@@ -55,6 +55,8 @@ def test_replace_routes_fields_to_sections():
         ({"model": {"normalization": "RMS"}}, "unknown --normalization"),
         ({"train": {"lr": float("inf")}}, "--lr must be positive and finite"),
         ({"train": {"weight_decay": float("nan")}}, "--weight-decay must be >= 0 and finite"),
+        ({"train": {"weight_decay": 1.1125369292536007e-308}}, "--weight-decay 1.1125369292536007e-308 is below the "
+                                                              "smallest normal float"),
         ({"model": {"model_seed": -1}}, r"--model-seed must lie in \[0, 4294967295\]"),
         ({"task": {"data_seed": 2**40}}, "--data-seed must lie in"),
         ({"model": {"d_model": 100_000, "d_mlp": 100_000}}, r"the model would have 20,074,500,497 parameters \(more than 1,000,000,000\)"),
