@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from grokinterp.checkpoints import DEFAULT_ROOT, Run, RunError, write_text_atomic
+from grokinterp.checkpoints import DEFAULT_ROOT, RESUMABLE_FIELDS, Run, RunError, write_text_atomic
 from grokinterp.errors import AnalysisError
 from grokinterp.metrics import METRICS, Metric
 from grokinterp.metrics.base import Checkpoint
@@ -37,8 +37,6 @@ DEFAULT_ANALYSES = Path("analyses")
 CACHE_FORMAT = 2
 """Format of a cache line, part of its key: lines of format 1 (a bare hash of the parameters, with no run or
 weights in it) matched another run's rows and are never trusted."""
-BUDGET_FIELDS = ("steps", "stop_val_acc", "stop_patience")
-"""Config fields `train --resume` may change; they are left out of a run's identity (see ``run_identity``)."""
 
 
 @dataclass
@@ -102,11 +100,11 @@ def select_steps(available: list[int], spec: str | None) -> list[int]:
 def run_identity(run: Run) -> str:
     """SHA-256 of what the run is: its config and its task table with the split (the data file's stored digest).
 
-    The budget and stop rule (``BUDGET_FIELDS``) are left out: ``train --resume --steps N`` rewrites them without
+    The budget and stop rule (``RESUMABLE_FIELDS``) are left out: ``train --resume --steps N`` rewrites them without
     touching a checkpoint, and must not throw away a long analysis. What training did is pinned anyway by each
     checkpoint's own weights digest, the other half of a cache row's key."""
     config = run.config.to_dict()
-    config["train"] = {k: v for k, v in config["train"].items() if k not in BUDGET_FIELDS}
+    config["train"] = {k: v for k, v in config["train"].items() if k not in RESUMABLE_FIELDS}
     text = json.dumps({"config": config, "table": run.data_digest()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 
 from grokinterp.checkpoints import (
+    RESUMABLE_FIELDS,
     Run,
     RunError,
     RunStore,
@@ -243,10 +244,9 @@ def _deterministic(dev: torch.device):
 
 
 def _check_resume_config(saved: RunConfig, asked: RunConfig, path: Path) -> None:
-    allowed = {"steps", "stop_val_acc", "stop_patience"}
     saved_flat = {k: v for section in saved.to_dict().values() for k, v in section.items()}
     asked_flat = {k: v for section in asked.to_dict().values() for k, v in section.items()}
-    changed = [k for k in saved_flat if saved_flat[k] != asked_flat[k] and k not in allowed]
+    changed = [k for k in saved_flat if saved_flat[k] != asked_flat[k] and k not in RESUMABLE_FIELDS]
     if changed:
         k = changed[0]
         raise RunError(
