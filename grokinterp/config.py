@@ -44,6 +44,11 @@ class TaskConfig:
         return get_operation(self.op).family
 
     @property
+    def n_symbols(self) -> int:
+        """Answer symbols of the table: p for the mod-p tasks, n! for S_n."""
+        return self.p if self.family == "mod" else math.factorial(self.n)
+
+    @property
     def size_label(self) -> str:
         """'p=113' for mod-p tasks, 'S5' for permutation tasks."""
         return f"p={self.p}" if self.family == "mod" else f"S{self.n}"
@@ -156,7 +161,7 @@ MAX_PARAMETERS = 10**9  # 4 GB of float32 weights, 16 GB with AdamW's state: far
 
 def parameter_count(task: TaskConfig, model: ModelConfig) -> int:
     """Parameters of the HookedTransformer this config builds (biases included, frozen or not)."""
-    n_symbols = task.p if task.family == "mod" else math.factorial(task.n)
+    n_symbols = task.n_symbols
     d, heads, dh, mlp = model.d_model, model.n_heads, model.d_head, model.d_mlp
     ln = 2 * d if model.normalization == "LN" else 0  # LNPre has no weights
     attn = 4 * heads * d * dh + 3 * heads * dh + d + ln

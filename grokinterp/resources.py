@@ -49,17 +49,12 @@ class Estimate:
         return RUNTIME + self.table + self.model + max(self.step, self.evaluation)
 
 
-def n_symbols(config: RunConfig) -> int:
-    t = config.task
-    return t.p if t.family == "mod" else math.factorial(t.n)
-
-
 def step_bytes_per_row(config: RunConfig, fast: bool) -> int:
     """Bytes one training row keeps alive at a step's peak (the backward pass). Fitted to the peak RSS of one
     full-batch step (2026-12-01, torch 2.13 CPU): the fast path measured 11.5, 27.9 and 19.7 kB per row for
     (p, d_mlp) = (400, 512), (199, 2048), (800, 128), which this gives as 16.7, 30.4 and 21.7 kB; the
     HookedTransformer forward measured 32.9 and 97.3 kB for the first two (this: 46.8 and 111 kB)."""
-    m, v = config.model, n_symbols(config)
+    m, v = config.model, config.task.n_symbols
     if fast:  # the answer position only: its logits (float32, the float64 loss copy, the gradients) and its MLP
         return 24 * v + 12 * m.d_mlp + 8 * m.n_heads * m.d_head
     # the HookedTransformer forward: the logits and every layer's activations at all 3 positions, with gradients
@@ -72,7 +67,7 @@ def estimate(config: RunConfig, fast: bool | None = None, models: int = 1) -> Es
     t, m, tr = config.task, config.model, config.train
     if fast is None:
         fast = tr.fast_path and m.n_layers == 1
-    v = n_symbols(config)
+    v = t.n_symbols
     rows = v * v
     n_train = max(1, math.floor(t.frac_train * rows))
     batch = n_train if tr.batch_size == 0 or tr.batch_size >= n_train else tr.batch_size
