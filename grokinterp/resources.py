@@ -61,12 +61,16 @@ def step_bytes_per_row(config: RunConfig, fast: bool) -> int:
     return 48 * v + m.n_layers * (48 * m.d_mlp + 12 * (m.d_model + m.n_heads * m.d_head))
 
 
+def _takes_fast_path(config: RunConfig) -> bool:
+    """Whether training takes the fast path, as far as the config tells (it covers 1-layer models)."""
+    return config.train.fast_path and config.model.n_layers == 1
+
+
 def estimate(config: RunConfig, fast: bool | None = None, models: int = 1) -> Estimate:
     """What ``config`` needs; ``fast``: whether training takes the fast path (default: as the config asks, for a
     1-layer model); ``models``: runs trained at once in one stack (``grokinterp sweep``)."""
     t, m, tr = config.task, config.model, config.train
-    if fast is None:
-        fast = tr.fast_path and m.n_layers == 1
+    fast = _takes_fast_path(config) if fast is None else fast
     v = t.n_symbols
     rows = v * v
     n_train = max(1, math.floor(t.frac_train * rows))
@@ -149,8 +153,7 @@ def _parts(est: Estimate) -> str:
 def _advice(config: RunConfig, est: Estimate, budget: float, fast: bool | None, models: int) -> str:
     """What to change: the largest power-of-two --batch-size that fits, else a smaller task or model."""
     fixed = RUNTIME + est.table + est.model + est.evaluation
-    if fast is None:
-        fast = config.train.fast_path and config.model.n_layers == 1
+    fast = _takes_fast_path(config) if fast is None else fast
     per_row = models * step_bytes_per_row(config, fast)
     if fixed < budget and per_row > 0:
         batch = 2 ** int(math.log2(max(1, (budget - fixed) // per_row)))
