@@ -268,12 +268,17 @@ class RunStore:
     def read_weights(self, step: int) -> dict[str, torch.Tensor]:
         return self.read_checkpoint(step)[0]
 
-    def read_checkpoint(self, step: int) -> tuple[dict[str, torch.Tensor], "RunConfig | None", Path]:
-        """Weights at ``step``, the config that trained them (None for a run written before it was recorded) and
-        the file they came from."""
+    def weights_file(self, step: int) -> Path:
+        """The weights file of ``step``, or a one-line error listing the steps there are."""
         file = self.path / WEIGHTS_DIR / weights_name(step)
         if not file.exists():
             raise RunError(f"no checkpoint at step {step} in {self.path}; available: {_describe_steps(self.steps())}")
+        return file
+
+    def read_checkpoint(self, step: int) -> tuple[dict[str, torch.Tensor], "RunConfig | None", Path]:
+        """Weights at ``step``, the config that trained them (None for a run written before it was recorded) and
+        the file they came from."""
+        file = self.weights_file(step)
         tensors, metadata = _read_tensors(file)
         return tensors, _trained_config(metadata, file), file
 
@@ -285,12 +290,7 @@ class RunStore:
         steps = self.steps()
         if steps:
             file = self.path / WEIGHTS_DIR / weights_name(steps[-1])
-            try:
-                with safe_open(file, framework="pt") as f:
-                    metadata = f.metadata() or {}
-            except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-                raise RunError(f"{file} is corrupt or truncated ({_first_line(err)})") from None
-            trained = _trained_config(metadata, file)
+            trained = _trained_config(_read_metadata(file), file)
             if trained is not None:
                 self.check_trained_by(config, trained, file)
                 return
@@ -577,12 +577,17 @@ def _read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def stored_digest(file: Path) -> str:
     """The SHA-256 of a safetensors file's tensors, read from its header; computed from the tensors for a file
     written before the digest was stored."""
+    digest = _read_metadata(file).get("sha256")
+    return digest if digest is not None else _digest(_read_tensors(file)[0])
+
+
+def _read_metadata(file: Path) -> dict[str, str]:
+    """A safetensors file's metadata, read from its header without loading its tensors."""
     try:
         with safe_open(file, framework="pt") as f:
-            digest = (f.metadata() or {}).get("sha256")
+            return f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise RunError(f"{file} is corrupt or truncated ({_first_line(err)})") from None
-    return digest if digest is not None else _digest(_read_tensors(file)[0])
 
 
 def _first_line(err: Exception) -> str:
@@ -701,10 +706,7 @@ class Run:
     def weights_digest(self, step: int) -> str:
         """SHA-256 of the weights at ``step``, as written with them: names a checkpoint's contents (e.g. in the
         analysis cache's key) without loading its tensors."""
-        file = self.path / WEIGHTS_DIR / weights_name(step)
-        if not file.exists():
-            raise RunError(f"no checkpoint at step {step} in {self.path}; available: {_describe_steps(self.steps)}")
-        return stored_digest(file)
+        return stored_digest(self.store.weights_file(step))
 
     def data_digest(self) -> str:
         """SHA-256 of the task table and split, as written with them."""
