@@ -301,9 +301,7 @@ def _train_locked(config, store: RunStore, data: TaskData, dev, resume, progress
     metrics_file = store.open_metrics_for_append()
 
     def log_row(step: int) -> dict[str, float | int]:
-        model.eval()
-        row = {"step": step, **evaluate(model, data, forward), "weight_norm_sq": weight_norm_sq(model.parameters()),
-               "lr": learning_rate(cfg, max(step, 1)), "time_s": round(time.perf_counter() - started, 3)}
+        row = {**evaluation_row(model, data, forward, cfg, step), "time_s": round(time.perf_counter() - started, 3)}
         model.train()
         metrics_file.write(json.dumps(row) + "\n")
         return row
@@ -370,6 +368,14 @@ def _train_locked(config, store: RunStore, data: TaskData, dev, resume, progress
     return TrainResult(Run(store.path), step, stop_reason, time.perf_counter() - started)
 
 
+def evaluation_row(model, data: TaskData, forward, cfg: TrainConfig, step: int) -> dict[str, float | int]:
+    """A metrics-log row of ``step`` but its wall time: loss and accuracy of both splits, Σ‖θ‖² and the learning
+    rate. Leaves the model in eval mode."""
+    model.eval()
+    return {"step": step, **evaluate(model, data, forward), "weight_norm_sq": weight_norm_sq(model.parameters()),
+            "lr": learning_rate(cfg, max(step, 1))}
+
+
 def _rebuild_log(store: RunStore, model, data: TaskData, forward, cfg: TrainConfig, upto: int) -> None:
     """Keep the metrics log's intact rows and append a row for every checkpoint after them, up to step ``upto``,
     evaluated as training evaluates. Rows between checkpoints cannot be recovered. A rebuilt row has ``rebuilt``
@@ -381,9 +387,7 @@ def _rebuild_log(store: RunStore, model, data: TaskData, forward, cfg: TrainConf
     for step in steps:
         tensors, _, file = store.read_checkpoint(step)
         fit_weights(model, tensors, file)
-        model.eval()
-        rows.append({"step": step, **evaluate(model, data, forward), "weight_norm_sq": weight_norm_sq(model.parameters()),
-                     "lr": learning_rate(cfg, max(step, 1)), "time_s": time_s, "rebuilt": 1})
+        rows.append({**evaluation_row(model, data, forward, cfg, step), "time_s": time_s, "rebuilt": 1})
     store.rewrite_metrics(rows)
     log.info("rebuilt %s: kept %d rows, re-evaluated %d checkpoints", store.path / "metrics.jsonl",
              len(rows) - len(steps), len(steps))
