@@ -13,11 +13,12 @@ The rows are the median of five repeats, beside the CPU they ran on.
 import statistics
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
+
+from train_speed import cpu_model  # noqa: E402  (run as a script, benchmarks/ is on sys.path)
 
 from grokinterp.config import ModelConfig, RunConfig, TaskConfig  # noqa: E402
 from grokinterp.groups import SymmetricGroup  # noqa: E402
@@ -25,15 +26,6 @@ from grokinterp.metrics.base import Checkpoint  # noqa: E402
 from grokinterp.metrics.sn import coset_metrics, irrep_metrics  # noqa: E402
 from grokinterp.model import build_model  # noqa: E402
 from grokinterp.tasks import build_task  # noqa: E402
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def median_seconds(work, repeats: int = 5) -> float:
