@@ -93,6 +93,9 @@ class ModelConfig:
 ACT_FNS = ("relu", "gelu", "silu", "gelu_new", "solu_ln")
 NORMALIZATIONS = ("none", "LN", "LNPre")
 OPTIMIZERS = ("adamw", "adam", "sgd")
+LOSSES = ("ce", "stablemax")  # computed in grokinterp.objective
+WD_TARGETS = ("origin", "init")
+GROKFAST_FILTERS = ("none", "ema", "ma")
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,38 @@ class TrainConfig:
     fast_path: bool = True
     """Train and evaluate 1-layer models through grokinterp.fastpath, the same function as the HookedTransformer's
     forward computed from per-token tables (~4x less arithmetic); --no-fast-path uses the forward itself."""
+    # -- interventions (grokinterp.interventions): each 0/off by default --
+    loss: str = "ce"
+    """Training loss: ce (softmax cross-entropy) or stablemax (Prieto et al. 2025, no softmax collapse)."""
+    wd_target: str = "origin"
+    """Weight decay pulls toward the origin, or toward init (the step-0 weights; Power et al.)."""
+    weight_noise: float = 0.0
+    """Std of Gaussian noise added to the weights for computing each gradient; the update applies to the
+    unperturbed weights (Power et al.'s noise before the gradient)."""
+    update_noise: float = 0.0
+    """Std of Gaussian noise added to the weights after each update (Power et al.'s noise after the gradient)."""
+    grad_noise: float = 0.0
+    """Std of Gaussian noise added to each gradient entry."""
+    dropout: float = 0.0
+    """Dropout rate on the residual stream (the embeddings and each attention and MLP output); trains through the
+    HookedTransformer forward, not the fast path."""
+    attn_dropout: float = 0.0
+    """Dropout rate on the attention pattern; trains through the HookedTransformer forward, not the fast path."""
+    grokfast: str = "none"
+    """Grokfast gradient filter (Lee et al. 2024): none, ema (h = a·h + (1-a)·g) or ma (mean of the last
+    --grokfast-window gradients); the filtered gradient g + lamb·h is what the optimizer sees."""
+    grokfast_alpha: float = 0.98
+    """Grokfast ema's decay a."""
+    grokfast_lamb: float = 0.0
+    """Grokfast's amplification lamb; 0 takes the paper's value (2 for ema, 5 for ma)."""
+    grokfast_window: int = 100
+    """Grokfast ma's window, in steps (the filter starts once it is full)."""
+    orthograd: bool = False
+    """⊥Grad (Prieto et al. 2025): remove each weight matrix's gradient component along the weights, rescaled to
+    the gradient's norm, before the optimizer step."""
+    norm_scale: float = 0.0
+    """Omnigrok (Liu et al. 2023): scale the initial weights by this factor and hold their total norm there after
+    every update; 0 leaves the norm free."""
 
     def __post_init__(self) -> None:
         positive = ("steps", "eval_every", "checkpoints")
@@ -146,6 +181,20 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must lie in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.stop_val_acc <= 1:
             raise ConfigError(f"--stop-val-acc must lie in [0, 1] (0 disables it), got {self.stop_val_acc}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"unknown --loss {self.loss!r}; choose one of: {', '.join(LOSSES)}")
+        if self.wd_target not in WD_TARGETS:
+            raise ConfigError(f"unknown --wd-target {self.wd_target!r}; choose one of: {', '.join(WD_TARGETS)}")
+        if self.grokfast not in GROKFAST_FILTERS:
+            raise ConfigError(f"unknown --grokfast {self.grokfast!r}; choose one of: {', '.join(GROKFAST_FILTERS)}")
+        for name in ("weight_noise", "update_noise", "grad_noise", "grokfast_lamb", "norm_scale"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 and finite, got {getattr(self, name)}")
+        for name in ("dropout", "attn_dropout", "grokfast_alpha"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must lie in [0, 1), got {getattr(self, name)}")
+        if self.grokfast_window < 1:
+            raise ConfigError(f"--grokfast-window must be at least 1, got {self.grokfast_window}")
 
 
 MAX_SEED = 2**32 - 1

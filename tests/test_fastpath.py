@@ -12,8 +12,8 @@ import grokinterp.fastpath as fastpath
 from grokinterp.config import ModelConfig
 from grokinterp.fastpath import answer_logits_from_params, fast_answer_logits, folded_answer_logits, unsupported_reason
 from grokinterp.model import answer_logits, build_model, hooked_config
+from grokinterp.objective import answer_loss
 from grokinterp.tasks import build_task
-from grokinterp.trainer import answer_loss
 
 TINY = dict(d_model=32, n_heads=2, d_head=16, d_mlp=64)
 # Every kind of model the fast path supports; "biases" and "LN" ones get random biases and LayerNorm weights.

@@ -20,8 +20,8 @@ from grokinterp.metrics.sharpness import (
     trainable_parameters,
 )
 from grokinterp.model import answer_logits, build_model
+from grokinterp.objective import answer_loss
 from grokinterp.tasks import build_task
-from grokinterp.trainer import answer_loss
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -41,7 +41,7 @@ from torch.func import functional_call, vmap
 from grokinterp.denormals import flush_denormals
 from grokinterp.metrics.base import Checkpoint
 from grokinterp.model import answer_logits
-from grokinterp.trainer import answer_loss
+from grokinterp.objective import answer_loss
 
 log = logging.getLogger(__name__)
 
