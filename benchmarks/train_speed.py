@@ -56,8 +56,9 @@ import grokinterp.denormals as denormals  # noqa: E402
 from grokinterp.checkpoints import RunStore, checkpoint_schedule  # noqa: E402
 from grokinterp.config import get_preset  # noqa: E402
 from grokinterp.model import answer_logits, build_model  # noqa: E402
+from grokinterp.objective import answer_loss  # noqa: E402
 from grokinterp.tasks import build_task  # noqa: E402
-from grokinterp.trainer import answer_loss, learning_rate, resolve_device, train  # noqa: E402
+from grokinterp.trainer import learning_rate, resolve_device, train  # noqa: E402
 
 
 class Stop(Exception):

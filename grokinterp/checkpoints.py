@@ -27,7 +27,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -161,6 +161,8 @@ class TrainerState:
     finished: bool
     """Whether training ended (budget spent or early stop) rather than being interrupted."""
     stop_reason: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    """State of the interventions that carry one across steps (Grokfast's filter); empty for most runs."""
 
 
 class RunStore:
@@ -370,7 +372,8 @@ class RunStore:
             with warnings.catch_warnings():  # torch warns about a foreign pickle before refusing it: one line is ours
                 warnings.simplefilter("ignore")
                 raw = torch.load(file, map_location="cpu", weights_only=True)
-            state = TrainerState(int(raw["step"]), raw["optimizer"], bool(raw["finished"]), str(raw["stop_reason"]))
+            state = TrainerState(int(raw["step"]), raw["optimizer"], bool(raw["finished"]), str(raw["stop_reason"]),
+                                 raw.get("extra", {}))
             digest = raw.get("sha256")
         except Exception as err:  # noqa: BLE001 -- any unreadable state is reported the same way
             raise RunError(f"{file} is corrupt or truncated ({type(err).__name__}); the run cannot resume") from None
@@ -392,6 +395,8 @@ class RunStore:
     def write_trainer_state(self, state: TrainerState) -> None:
         payload = {"step": state.step, "optimizer": state.optimizer, "finished": state.finished,
                    "stop_reason": state.stop_reason, "sha256": _state_digest(state)}
+        if state.extra:
+            payload["extra"] = state.extra
         buffer = io.BytesIO()
         torch.save(payload, buffer)
         with self._reporting_write_failures():
@@ -553,6 +558,9 @@ def _state_digest(state: TrainerState) -> str:
             h.update(f"V{obj!r}".encode())
 
     walk(state.optimizer)
+    if state.extra:  # runs without one keep the digest they were written with
+        h.update(b"E")
+        walk(state.extra)
     return h.hexdigest()
 
 

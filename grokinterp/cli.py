@@ -103,30 +103,46 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("root", nargs="?", default=None, help=f"folder of runs (default {DEFAULT_ROOT})")
 
     sweep = sub.add_parser(
-        "sweep", help="train a grid of seeds x training fractions x weight decays, many runs at once",
-        description="Train every (training fraction, weight decay, seed) combination of a config together, with "
-                    "stacked parameters; each is saved as its own run, <out>/<name>/frac0.30_wd1_seed0 and so on, "
-                    "beside a sweep.json manifest, and the data-efficiency table and figure go to "
-                    "<analyses-out>/<name>/. A seed sets both --model-seed and --data-seed. A whole sweep does not "
-                    "resume; continue any member (interrupted, or with a larger budget) on its own with "
-                    "`grokinterp train --resume <out>/<name>/<member> [--steps N]`.")
+        "sweep", help="train a grid over any config fields (operations, fractions, interventions, seeds)",
+        description="Train every combination of the grid's values over a config, stacking the runs that can share "
+                    "one stack; each is saved as its own run under <out>/<name>/ beside a sweep.json manifest, and "
+                    "the results table (results.csv) and figures go to <analyses-out>/<name>/. Run the same command "
+                    "again (or `grokinterp sweep --resume <out>/<name>`) to continue a sweep: finished runs are "
+                    "skipped, unfinished ones resume where they stopped.",
+        epilog="example: grokinterp sweep --preset quick --p 23 --grid op=add,sub,div --grid frac_train=0.3:0.7:0.2 "
+               "--grid seed=0,1,2 --steps 4000")
+    sweep.add_argument("--grid", action="append", default=[], metavar="FIELD=VALUES",
+                       help="one axis of the grid: any config field with comma-separated values (op=add,div) or a "
+                            "range START:STOP:STEP (frac_train=0.2:0.8:0.1, STOP included); seed=0,1,2 sets both "
+                            "seeds; repeat for more axes (the first varies slowest)")
+    sweep.add_argument("--seeds", default=None, help="shorthand for --grid seed=..., e.g. 0,1,2")
+    sweep.add_argument("--fracs", default=None, help="shorthand for --grid frac_train=..., e.g. 0.3,0.5,0.7")
+    sweep.add_argument("--weight-decays", default=None, help="shorthand for --grid weight_decay=..., e.g. 0.3,1")
+    sweep.add_argument("--resume", metavar="SWEEP", default=None,
+                       help="continue the sweep in this folder: skip finished runs, resume the others")
     sweep.add_argument("--preset", default=None,
                        help=f"starting config: {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
     sweep.add_argument("--name", default=None, help="sweep folder name (default: <preset>_<op>_sweep_<time>)")
     sweep.add_argument("--out", default=str(DEFAULT_ROOT),
                        help="folder that holds the sweep folder (default %(default)s)")
-    sweep.add_argument("--seeds", required=True, help="comma-separated seeds, e.g. 0,1,2")
-    sweep.add_argument("--fracs", required=True, help="comma-separated training fractions, e.g. 0.3,0.5,0.7")
-    sweep.add_argument("--weight-decays", required=True, help="comma-separated weight decays, e.g. 0.3,1")
     sweep.add_argument("--group-size", type=int, default=16,
-                       help="most runs trained at once; larger grids train in consecutive groups; 1 trains one "
-                            "ordinary run after another, the faster choice on a CPU for nanda2023-sized models "
-                            "(default %(default)s)")
+                       help="most runs trained at once in one stack; 1 trains one ordinary run after another, the "
+                            "faster choice on a CPU for nanda2023-sized models (default %(default)s)")
     sweep.add_argument("--analyses-out", default="analyses",
-                       help="folder for the data-efficiency table and figure (default %(default)s)")
+                       help="folder for the results table and figures (default %(default)s)")
     sweep.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     sweep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_config_flags(sweep)
+
+    plot = sub.add_parser("plot", help="a sweep's results table and one of its figures, from what has finished",
+                          description="Rebuild <analyses-out>/<sweep>/results.csv from the sweep's runs and draw one "
+                                      "of its figures (self-contained HTML beside it).")
+    plot.add_argument("sweep", help="sweep folder (with sweep.json)")
+    plot.add_argument("figure", help="min-fraction (the smallest training fraction that generalizes, per operation: "
+                                     "Power et al. Fig. 2 left), best-val (best validation accuracy per intervention "
+                                     "against the fraction: Fig. 2 center) or steps (steps to 99%% validation "
+                                     "accuracy against the fraction, per operation)")
+    plot.add_argument("--analyses-out", default="analyses", help="folder of analysis outputs (default %(default)s)")
     return parser
 
 
@@ -221,66 +237,106 @@ def _fmt(step) -> str:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    import pandas as pd
-
     from grokinterp.analyze import analysis_dir
-    from grokinterp.resources import check_fits
     from grokinterp.sweep import (  # heavy imports only when training
-        check_stackable,
-        member_name,
+        check_group_fits,
+        grid_configs,
+        parse_grid_axis,
         parse_values,
-        sweep_configs,
-        train_many,
-        write_data_efficiency,
+        read_manifest,
+        run_members,
+        same_grid,
+        shorthand_grid,
         write_manifest,
+        write_results,
     )
     from grokinterp.trainer import resolve_device
 
     overrides = _overrides(args)
-    gridded = [k for k in ("frac_train", "weight_decay", "model_seed", "data_seed") if k in overrides]
-    if gridded:
-        raise UsageError(f"--{gridded[0].replace('_', '-')} is set by the sweep's grid; use --fracs, --weight-decays "
-                         "and --seeds")
-    seeds = parse_values(args.seeds, "--seeds", int)
-    fracs = parse_values(args.fracs, "--fracs", float)
-    weight_decays = parse_values(args.weight_decays, "--weight-decays", float)
-    preset = args.preset or DEFAULT_PRESET
-    base = get_preset(preset).replace(**overrides)
-    configs = sweep_configs(base, seeds, fracs, weight_decays)
-    check_stackable(configs)
     if args.group_size < 1:
         raise UsageError(f"--group-size must be at least 1, got {args.group_size}")
-    name = _plain_name(args.name or f"{preset}_{base.task.op}_sweep_{time.strftime('%Y%m%d-%H%M%S')}")
-    folder = Path(args.out) / name
+    if args.resume:
+        if args.grid or args.seeds or args.fracs or args.weight_decays or overrides or args.preset or args.name:
+            raise UsageError("--resume continues a sweep as its sweep.json says; drop the grid, config flags, "
+                             "--preset and --name")
+        folder = Path(args.resume)
+        members = [(m.name, m.config, m.grid) for m in read_manifest(folder)]
+        name = folder.name
+    else:
+        grid = [parse_grid_axis(spec) for spec in args.grid]
+        grid += shorthand_grid(None if args.seeds is None else parse_values(args.seeds, "--seeds", int),
+                               None if args.fracs is None else parse_values(args.fracs, "--fracs", float),
+                               None if args.weight_decays is None else
+                               parse_values(args.weight_decays, "--weight-decays", float))
+        gridded = {"model_seed", "data_seed"} if any(n == "seed" for n, _ in grid) else set()
+        gridded |= {n for n, _ in grid}
+        clash = next((k for k in overrides if k in gridded), None)
+        if clash:
+            raise UsageError(f"--{clash.replace('_', '-')} is set by the sweep's grid; give it there, or drop it "
+                             "from the grid")
+        preset = args.preset or DEFAULT_PRESET
+        base = get_preset(preset).replace(**overrides)
+        members = grid_configs(base, grid)
+        name = _plain_name(args.name or f"{preset}_{base.task.op}_sweep_{time.strftime('%Y%m%d-%H%M%S')}")
+        folder = Path(args.out) / name
+        if folder.exists() and not same_grid(folder, members):
+            raise UsageError(f"sweep folder {folder} already exists with another grid; pick another --name, or "
+                             f"continue it with `grokinterp sweep --resume {folder}`")
     device = resolve_device(args.device)  # refuse a bad --device before writing anything
     _check_output_folder(analysis_dir(folder, args.analyses_out), "--analyses-out")
-    check_fits(configs[0], Path(args.out), device.type, models=min(args.group_size, len(configs)))  # one group at once
-    if folder.exists():
-        raise UsageError(f"sweep folder {folder} already exists; pick another --name (continue one of its runs "
-                         f"with `grokinterp train --resume {folder}/MEMBER`)")
-
-    print(f"Sweep {folder} on {device}: {len(configs)} runs ({len(fracs)} training fractions x {len(weight_decays)} "
-          f"weight decays x {len(seeds)} seeds), up to {args.group_size} at once", file=sys.stderr)
-    write_manifest(folder, base, seeds, fracs, weight_decays, configs)
-    results = train_many(configs, [folder / member_name(c) for c in configs], device=str(device),
-                         progress=not args.no_progress, group_size=args.group_size)
-    interrupted = [r for r in results if r.stop_reason == "interrupted"]
-    if results:
-        table, csv_path, html_path = write_data_efficiency(
-            [r.run for r in results], analysis_dir(folder, args.analyses_out),
-            f"{name}: steps to 99% validation accuracy")
-        header = ("frac", "wd", "seed", "val 99%", "steps")
-        rows = [(f"{r.frac_train:g}", f"{r.weight_decay:g}", str(r.seed),
-                 _fmt(None if pd.isna(r.val_99_step) else int(r.val_99_step)), str(r.steps_trained))
-                for r in table.itertuples()]
-        print()
-        _print_table(header, rows)
-        print(f"\nRuns: {folder} ({len(results)} of {len(configs)})")
-        print(f"Data efficiency: {csv_path}\n                 {html_path}")
-    if interrupted or len(results) < len(configs):
-        print(f"Interrupted; continue a run with:  grokinterp train --resume {folder}/MEMBER")
+    check_group_fits([c for _, c, _ in members], folder.parent, device, args.group_size)
+    continuing = folder.exists()
+    if not continuing:
+        write_manifest(folder, base, grid, members)
+    print(f"{'Continuing' if continuing else 'Sweep'} {folder} on {device}: {len(members)} runs "
+          f"({' x '.join(f'{len(v)} {n}' for n, v in _axes(members))}), up to {args.group_size} at once",
+          file=sys.stderr)
+    results = run_members(folder, device=str(device), progress=not args.no_progress, group_size=args.group_size)
+    table, paths = write_results(folder, args.analyses_out)
+    shown = [c for c in table.columns if c not in ("run", "commutative", "setting", "budget", "stop_reason",
+                                                   "final_weight_norm", "train_99_step")]
+    rows = [tuple(_cell(v) for v in row) for row in table[shown].itertuples(index=False)]
+    print()
+    _print_table(tuple(c.replace("_", " ") for c in shown), rows)
+    done = int(table["finished"].sum())
+    print(f"\nRuns: {folder} ({done} of {len(table)} finished; {len(results)} trained now)")
+    print("Results: " + "\n         ".join(str(p) for p in paths))
+    if done < len(table):
+        print(f"Not finished; continue with:  grokinterp sweep --resume {folder}")
         return 130
     print(f"Next:  grokinterp runs {folder}")
+    return 0
+
+
+def _axes(members) -> list[tuple[str, list]]:
+    """The grid's axes as its members show them (for the one-line summary)."""
+    axes: dict[str, list] = {}
+    for _, _, values in members:
+        for k, v in values.items():
+            if v not in axes.setdefault(k, []):
+                axes[k].append(v)
+    return list(axes.items())
+
+
+def _cell(value) -> str:
+    import pandas as pd
+
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from grokinterp.sweep import FIGURES, write_results
+
+    if args.figure not in FIGURES:
+        raise UsageError(f"unknown figure {args.figure!r}; choose one of: {', '.join(FIGURES)}")
+    table, paths = write_results(Path(args.sweep), args.analyses_out, figures=[args.figure])
+    missing = int((~table["finished"].astype(bool)).sum())
+    print(f"{args.figure}: {len(table) - missing} finished run(s)" + (f", {missing} missing" if missing else "")
+          + f" -> {paths[1]}\nTable: {paths[0]}")
     return 0
 
 
@@ -359,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
         commands = {"train": cmd_train, "analyze": cmd_analyze, "report": cmd_report, "runs": cmd_runs,
-                    "sweep": cmd_sweep}
+                    "sweep": cmd_sweep, "plot": cmd_plot}
         return commands[args.command](args)
     except (UsageError, GrokinterpError) as err:
         _print_error(str(err))

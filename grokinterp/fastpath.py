@@ -270,8 +270,15 @@ def fast_answer_logits(model: HookedTransformer, tokens: Int[Tensor, "batch 3"])
     (one device sync on a GPU, as the training loop's finite-loss check already does each step)."""
     if bool((tokens[:, 2] != model.cfg.d_vocab - 1).any()):
         raise ValueError(f"the fast path needs rows [a, b, =]; some rows do not end in '=' ({model.cfg.d_vocab - 1})")
-    forward = folded_answer_logits if _folds(model.cfg, tokens.device) else answer_logits_from_params
-    return forward(dict(model.named_parameters()), tokens, model.cfg)
+    return fast_logits_from_params(dict(model.named_parameters()), tokens, model.cfg)
+
+
+def fast_logits_from_params(params: Mapping[str, Tensor], tokens: Int[Tensor, "batch 3"],
+                            cfg: HookedTransformerConfig) -> Float[Tensor, "batch d_vocab_out"]:
+    """The fast path for one model's parameters (TransformerLens names): folded where it applies (models without
+    normalization on a CPU or CUDA device), else unfolded. Assumes rows end in ``=``."""
+    forward = folded_answer_logits if _folds(cfg, tokens.device) else answer_logits_from_params
+    return forward(params, tokens, cfg)
 
 
 def _folds(cfg: HookedTransformerConfig, device: torch.device) -> bool:

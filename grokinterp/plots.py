@@ -140,22 +140,24 @@ def censored_median(steps: Sequence[int | None]) -> float | None:
     return None if math.isinf(median) else median
 
 
-def data_efficiency_figure(title: str, table: pd.DataFrame) -> go.Figure:
-    """Steps to 99% validation accuracy against the training fraction (Power et al. 2022, Fig. 1 right), from
-    ``sweep.data_efficiency``'s table: a colour per weight decay, a marker per seed, a line through the median of
-    the seeds, and runs that never got there as open markers at their budget (a lower bound, not a value)."""
+def steps_figure(title: str, table: pd.DataFrame, series: str = "series") -> go.Figure:
+    """Steps to 99% validation accuracy against the training fraction (Power et al. 2022, Fig. 1 right), from a
+    sweep's results table (``sweep.results_table``): a colour per value of the ``series`` column (by default the
+    operation and setting), a marker per seed, a line through the median of the seeds, and runs that never got
+    there as open markers at the steps they trained (a lower bound, not a value)."""
+    table = _with_series(table) if series == "series" else table
     fig = go.Figure()
     seeds = sorted(table["seed"].unique())
     symbol = {s: SEED_SYMBOLS[i % len(SEED_SYMBOLS)] for i, s in enumerate(seeds)}
-    for i, wd in enumerate(sorted(table["weight_decay"].unique())):
+    for i, label in enumerate(sorted(table[series].unique(), key=str)):
         colour = WEIGHT_DECAY_COLOURS[i % len(WEIGHT_DECAY_COLOURS)]
-        runs = table[table["weight_decay"] == wd]
+        runs = table[table[series] == label]
         fracs = sorted(runs["frac_train"].unique())
         steps_at = [[None if pd.isna(s) else int(s) for s in runs[runs["frac_train"] == f]["val_99_step"]]
                     for f in fracs]
         medians = [censored_median(steps) for steps in steps_at]
-        fig.add_trace(go.Scatter(x=fracs, y=medians, mode="lines", line={"color": colour}, legendgroup=f"wd{wd}",
-                                 name=f"weight decay {wd:g} (median)", connectgaps=False))
+        fig.add_trace(go.Scatter(x=fracs, y=medians, mode="lines", line={"color": colour}, legendgroup=str(label),
+                                 name=f"{label} (median)", connectgaps=False))
         for seed in seeds:
             mine = runs[runs["seed"] == seed]
             reached, missed = mine[mine["val_99_step"].notna()], mine[mine["val_99_step"].isna()]
@@ -164,7 +166,7 @@ def data_efficiency_figure(title: str, table: pd.DataFrame) -> go.Figure:
                     continue
                 note = "not reached by step" if open_ else "val acc 99% at step"
                 fig.add_trace(go.Scatter(
-                    x=part["frac_train"], y=part[y].astype(float), mode="markers", legendgroup=f"wd{wd}",
+                    x=part["frac_train"], y=part[y].astype(float), mode="markers", legendgroup=str(label),
                     showlegend=False, text=[f"{r}: {note} {s}" for r, s in zip(part["run"], part[y])],
                     hovertemplate="%{text}<extra></extra>",
                     marker={"color": colour, "size": 9, "symbol": symbol[seed] + ("-open" if open_ else ""),
@@ -178,4 +180,76 @@ def data_efficiency_figure(title: str, table: pd.DataFrame) -> go.Figure:
     fig.update_xaxes(title_text="training fraction", tickformat=".0%")
     fig.update_yaxes(title_text="steps to 99% validation accuracy", type="log")
     fig.update_layout(title=title, height=520, template="plotly_white")
+    return fig
+
+
+def _with_series(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with a ``series`` column: the operation, and the setting where a sweep has more than one."""
+    several = table["setting"].nunique() > 1
+    ops = table["op"].nunique() > 1 or not several
+    label = [" · ".join(part for part in ((op if ops else ""), (setting if several else "")) if part)
+             for op, setting in zip(table["op"], table["setting"])]
+    return table.assign(series=label)
+
+
+def min_fraction(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (op, setting): the smallest training fraction at which at least half the seeds reached 99% validation
+    accuracy within the budget (NaN if none did), and the range of each seed's own smallest such fraction."""
+    rows = []
+    for (op, setting), runs in table.groupby(["op", "setting"], sort=True):
+        reached = runs.assign(hit=runs["val_99_step"].notna())
+        share = reached.groupby("frac_train")["hit"].mean()
+        enough = share[share >= 0.5]
+        per_seed = reached[reached["hit"]].groupby("seed")["frac_train"].min()
+        rows.append({"op": op, "setting": setting, "commutative": bool(runs["commutative"].iloc[0]),
+                     "min_frac": float(enough.index.min()) if len(enough) else math.nan,
+                     "seed_low": float(per_seed.min()) if len(per_seed) else math.nan,
+                     "seed_high": float(per_seed.max()) if len(per_seed) else math.nan,
+                     "fracs_tried": ", ".join(f"{f:g}" for f in sorted(runs["frac_train"].unique())),
+                     "seeds": runs["seed"].nunique()})
+    return pd.DataFrame(rows)
+
+
+def sweep_figure(kind: str, name: str, table: pd.DataFrame) -> go.Figure:
+    """One of the sweep figures (``sweep.FIGURES``) from a results table, drawn from the finished members; the
+    title names how many are missing."""
+    done = table[table["finished"].astype(bool)]
+    missing = table[~table["finished"].astype(bool)]
+    note = "" if missing.empty else (f" — {len(missing)} of {len(table)} members not finished and left out: "
+                                     + ", ".join(missing["run"].head(5)) + (" …" if len(missing) > 5 else ""))
+    if kind == "steps":
+        return steps_figure(f"{name}: steps to 99% validation accuracy{note}", done)
+    fig = go.Figure()
+    if kind == "min-fraction":
+        summary = min_fraction(done) if len(done) else pd.DataFrame(columns=["op", "setting"])
+        settings = sorted(summary["setting"].unique())
+        ops = sorted(summary["op"].unique(), key=lambda op: (not summary[summary.op == op].commutative.iloc[0], op))
+        for i, setting in enumerate(settings):
+            part = summary[summary["setting"] == setting].set_index("op").reindex(ops)
+            fig.add_trace(go.Bar(
+                x=[f"{op}{' (c)' if c else ''}" for op, c in zip(ops, part["commutative"])], y=part["min_frac"],
+                name=setting, marker_color=WEIGHT_DECAY_COLOURS[i % len(WEIGHT_DECAY_COLOURS)],
+                error_y={"type": "data", "symmetric": False, "array": part["seed_high"] - part["min_frac"],
+                         "arrayminus": part["min_frac"] - part["seed_low"]},
+                text=["none" if math.isnan(v) else f"{v:.0%}" for v in part["min_frac"]], textposition="outside",
+                hovertemplate="%{x}: %{y:.0%} (fractions tried: %{customdata})<extra>" + setting + "</extra>",
+                customdata=part["fracs_tried"]))
+        fig.update_yaxes(title_text="smallest training fraction reaching 99% val acc", tickformat=".0%",
+                         range=[0, 1.05])
+        fig.update_xaxes(title_text="operation ((c): commutative); error bars: range of the seeds' own smallest")
+        title = f"{name}: data needed to generalize within the budget{note}"
+    elif kind == "best-val":
+        for i, (label, runs) in enumerate(_with_series(done).groupby("series", sort=True)):
+            stats = runs.groupby("frac_train")["best_val_acc"].agg(["mean", "std", "count"]).reset_index()
+            se = (stats["std"] / stats["count"] ** 0.5).fillna(0.0)
+            fig.add_trace(go.Scatter(x=stats["frac_train"], y=stats["mean"], error_y={"type": "data", "array": se},
+                                     mode="lines+markers", name=label,
+                                     line={"color": WEIGHT_DECAY_COLOURS[i % len(WEIGHT_DECAY_COLOURS)]}))
+        fig.update_xaxes(title_text="training fraction", tickformat=".0%")
+        fig.update_yaxes(title_text="best validation accuracy within the budget (mean ± s.e. over seeds)",
+                         tickformat=".0%", range=[0, 1.05])
+        title = f"{name}: best validation accuracy per intervention{note}"
+    else:
+        raise ValueError(f"unknown sweep figure {kind!r}")
+    fig.update_layout(title=title, height=520, template="plotly_white", barmode="group")
     return fig

@@ -63,7 +63,17 @@ def step_bytes_per_row(config: RunConfig, fast: bool) -> int:
 
 def _takes_fast_path(config: RunConfig) -> bool:
     """Whether training takes the fast path, as far as the config tells (it covers 1-layer models)."""
-    return config.train.fast_path and config.model.n_layers == 1
+    tr = config.train
+    return tr.fast_path and config.model.n_layers == 1 and tr.dropout == 0 and tr.attn_dropout == 0
+
+
+def _intervention_copies(config: RunConfig) -> int:
+    """Parameter-sized tensors an intervention keeps for the whole run."""
+    tr = config.train
+    from grokinterp.interventions import Interventions
+
+    init = 1 if Interventions.needs_init(config) else 0
+    return init + {"none": 0, "ema": 1, "ma": tr.grokfast_window}[tr.grokfast]
 
 
 def estimate(config: RunConfig, fast: bool | None = None, models: int = 1) -> Estimate:
@@ -77,7 +87,10 @@ def estimate(config: RunConfig, fast: bool | None = None, models: int = 1) -> Es
     batch = n_train if tr.batch_size == 0 or tr.batch_size >= n_train else tr.batch_size
     params = parameter_count(t, m)
     table = 48 * rows + 32 * n_train
-    model = models * 40 * params  # 4 bytes each: weights, gradient, two moments; ~6 more copies while saving
+    # 4 bytes each: weights, gradient, two moments; ~6 more copies while saving; and what interventions keep: the
+    # step-0 weights, Grokfast's filter (a window of gradients for 'ma', saved with the trainer state)
+    kept = _intervention_copies(config)
+    model = models * (40 + 8 * kept) * params
     step = models * batch * step_bytes_per_row(config, fast)
     chunk = min(EVAL_CHUNK, rows)
     # no gradients: a chunk's logits, their float64 copy and the loss; then the whole table's losses and hits.
@@ -87,7 +100,7 @@ def estimate(config: RunConfig, fast: bool | None = None, models: int = 1) -> Es
     from grokinterp.checkpoints import checkpoint_schedule
 
     n_ckpts = len(checkpoint_schedule(tr.steps, tr.checkpoints, tr.log_checkpoints))
-    disk = models * (4 * params * (n_ckpts + 3) + 40 * rows)
+    disk = models * (4 * params * (n_ckpts + 3 + kept) + 40 * rows)
     return Estimate(table, model, step, evaluation, disk, batch)
 
 

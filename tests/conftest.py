@@ -27,12 +27,11 @@ def tiny():
 
 @pytest.fixture
 def float64_training(monkeypatch):
-    """The trainer and the sweep build float64 models: for tests that compare two implementations over a
+    """The training loop builds float64 models: for tests that compare two implementations over a
     trajectory. In float32 two summation orders part ways once a rounding difference flips a ReLU or Adam divides
     by a near-zero gradient, chaotically and by a different amount on each CPU (0.06 relative on an Intel Xeon
     where an AMD EPYC gave 3e-5); in float64 the same trajectories stay ~1e-13 apart. The float32 claim is made
     per step instead (gradient accuracy against float64, in test_fastpath and test_sweep)."""
-    import grokinterp.sweep
     import grokinterp.trainer
     from grokinterp.model import build_model
 
@@ -41,7 +40,6 @@ def float64_training(monkeypatch):
             return build_model(*args, **kwargs).to(torch.float64)
 
     monkeypatch.setattr(grokinterp.trainer, "build_model", build_float64)
-    monkeypatch.setattr(grokinterp.sweep, "build_model", build_float64)
 
 
 def cli_flags(sections: dict) -> list[str]:

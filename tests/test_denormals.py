@@ -14,9 +14,10 @@ from grokinterp.denormals import flush_denormals, thread_mode
 from grokinterp.fastpath import fast_answer_logits
 from grokinterp.metrics.sharpness import epsilon_sharpness
 from grokinterp.model import answer_logits, build_model
+from grokinterp.objective import answer_loss
 from grokinterp.sweep import train_many
 from grokinterp.tasks import build_task
-from grokinterp.trainer import answer_loss, train
+from grokinterp.trainer import train
 
 MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default,
            torch.ops.aten.baddbmm.default, torch.ops.aten.addbmm.default, torch.ops.aten.matmul.default}

@@ -168,8 +168,8 @@ def test_fast_path_trains_the_same_weights_as_the_plain_forward(tmp_path, tiny, 
     import grokinterp.trainer as trainer
 
     used = []
-    monkeypatch.setattr(trainer, "fast_answer_logits", lambda m, t: used.append(1) or
-                        __import__("grokinterp.fastpath").fastpath.fast_answer_logits(m, t))
+    monkeypatch.setattr(trainer, "fast_logits_from_params", lambda p, t, c: used.append(1) or
+                        __import__("grokinterp.fastpath").fastpath.fast_logits_from_params(p, t, c))
     fast = train(tiny(), tmp_path / "fast", device="cpu", progress=False).run
     assert used, "a 1-layer model trains through the fast path by default"
     n_fast = len(used)
