@@ -21,7 +21,19 @@ from hypothesis import strategies as st
 
 from grokinterp.checkpoints import RunStore, load_run
 from grokinterp.cli import main
-from grokinterp.config import ACT_FNS, MAX_SEED, NORMALIZATIONS, OPTIMIZERS, PRESETS, SECTIONS, ConfigError, RunConfig
+from grokinterp.config import (
+    ACT_FNS,
+    GROKFAST_FILTERS,
+    LOSSES,
+    MAX_SEED,
+    NORMALIZATIONS,
+    OPTIMIZERS,
+    PRESETS,
+    SECTIONS,
+    WD_TARGETS,
+    ConfigError,
+    RunConfig,
+)
 from grokinterp.errors import GrokinterpError
 from grokinterp.tasks import OPERATIONS, get_operation
 from grokinterp.trainer import train
@@ -80,7 +92,12 @@ FIELD_VALUES = {
               "lr": st.floats(1e-5, 0.1), "weight_decay": st.floats(0, 2), "beta1": unit_floats, "beta2": unit_floats,
               "warmup_steps": st.integers(0, 20), "eval_every": st.integers(1, 3), "checkpoints": st.integers(1, 3),
               "log_checkpoints": st.integers(0, 3), "stop_val_acc": st.floats(0, 1),
-              "stop_patience": st.integers(0, 5), "fast_path": st.booleans()},
+              "stop_patience": st.integers(0, 5), "fast_path": st.booleans(), "loss": st.sampled_from(LOSSES),
+              "wd_target": st.sampled_from(WD_TARGETS), "weight_noise": st.floats(0, 0.1),
+              "update_noise": st.floats(0, 0.1), "grad_noise": st.floats(0, 0.1), "dropout": st.floats(0, 0.5),
+              "attn_dropout": st.floats(0, 0.5), "grokfast": st.sampled_from(GROKFAST_FILTERS),
+              "grokfast_alpha": unit_floats, "grokfast_lamb": st.floats(0, 5), "grokfast_window": st.integers(1, 4),
+              "orthograd": st.booleans(), "norm_scale": st.floats(0, 3)},
 }
 assert {k: set(v) for k, v in FIELD_VALUES.items()} == {name: {f.name for f in dataclasses.fields(cls)}
                                                       for name, cls in SECTIONS.items()}, "a field has no strategy"
@@ -315,11 +332,15 @@ def test_a_damaged_run_file_is_named_in_one_line(tiny_run, tmp_path_factory, cap
         assert file.name in str(err)
 
 
+GRID_SPECS = ["op=add,div", "op=pow", "frac_train=0.2:0.8:0.2", "frac_train=0.8:0.2:0.1", "weight_noise=0,0.01",
+              "weight_noise=-1", "dropout=0,1", "loss=ce,stablemax", "seed=0,1", "seed=a", "colour=red", "lr",
+              "lr=", "steps=1:3:0", "orthograd=on,off", "grokfast=ema,ma"]
 grid_values = st.one_of(values, st.lists(st.one_of(st.integers(-2, 5).map(str), st.floats(-0.5, 1.5).map(repr),
                                                    values), min_size=1, max_size=3).map(",".join))
 sweep_pairs = st.lists(st.tuples(st.sampled_from(["--seeds", "--fracs", "--weight-decays", "--group-size",
                                                   "--frac-train", "--model-seed", "--steps", "--p", "--op",
-                                                  "--lr", "--name", "--device", "--bogus"]), grid_values),
+                                                  "--lr", "--name", "--device", "--bogus", "--grid"]),
+                                     st.one_of(grid_values, st.sampled_from(GRID_SPECS))),
                        max_size=6).map(lambda pairs: [t for pair in pairs for t in pair])
 
 
@@ -328,12 +349,12 @@ sweep_pairs = st.lists(st.tuples(st.sampled_from(["--seeds", "--fracs", "--weigh
 def test_sweep_flags_are_accepted_or_refused_in_one_line(monkeypatch, capsys, pairs, preset):
     import grokinterp.sweep
 
-    def stand_in(configs, run_dirs, **kwargs):
-        assert configs and len(configs) == len(run_dirs) == len(set(run_dirs))
-        grokinterp.sweep.check_stackable(configs)
+    def stand_in(folder, names=None, **kwargs):
+        members = grokinterp.sweep.read_manifest(folder)  # written, whole, before anything trains
+        assert members and len({m.name for m in members}) == len(members)
         raise _Accepted
 
-    monkeypatch.setattr(grokinterp.sweep, "train_many", stand_in)
+    monkeypatch.setattr(grokinterp.sweep, "run_members", stand_in)
     argv = ["sweep", "--seeds", "0", "--fracs", "0.5", "--weight-decays", "1", *(["--preset", preset] if preset else []),
             *pairs, "--no-progress"]
     capsys.readouterr()
