@@ -156,8 +156,10 @@ def steps_figure(title: str, table: pd.DataFrame, series: str = "series") -> go.
         steps_at = [[None if pd.isna(s) else int(s) for s in runs[runs["frac_train"] == f]["val_99_step"]]
                     for f in fracs]
         medians = [censored_median(steps) for steps in steps_at]
-        fig.add_trace(go.Scatter(x=fracs, y=medians, mode="lines", line={"color": colour}, legendgroup=str(label),
-                                 name=f"{label} (median)", connectgaps=False))
+        # a dash at each median, joined where neighbouring fractions have one (a lone median is still drawn)
+        fig.add_trace(go.Scatter(x=fracs, y=medians, mode="lines+markers", line={"color": colour},
+                                 marker={"symbol": "line-ew", "size": 16, "line": {"width": 2.5, "color": colour}},
+                                 legendgroup=str(label), name=f"{label} (median)", connectgaps=False))
         for seed in seeds:
             mine = runs[runs["seed"] == seed]
             reached, missed = mine[mine["val_99_step"].notna()], mine[mine["val_99_step"].isna()]
