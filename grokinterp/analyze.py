@@ -203,7 +203,7 @@ def analysis_dir(run: Run | str | os.PathLike, out_root: str | os.PathLike = DEF
     """Where the analyses of a run (or a sweep folder) go: its path under ``checkpoints/``, so that
     ``checkpoints/swA/frac0.30_wd1_seed0`` -> ``analyses/swA/frac0.30_wd1_seed0``. A folder outside
     ``checkpoints/`` gets its name and a short digest of its absolute path (``/data/r`` -> ``analyses/r-1a2b3c4d``),
-    and a sweep's members go inside their sweep's folder, beside its data-efficiency table (``/data/sw/m`` ->
+    and a sweep's members go inside their sweep's folder, beside its results table (``/data/sw/m`` ->
     ``analyses/sw-5e6f7a8b/m``). Two runs of one name never share a folder."""
     path = Path(run.path if isinstance(run, Run) else run).resolve()
     if (path.parent / MANIFEST_FILE).is_file():
