@@ -304,7 +304,7 @@ def train_many(
     dev = resolve_device(device)
     check_group_fits(configs, run_dirs[0].parent, dev, group_size)
     return _train_in_groups(configs, run_dirs, [False] * len(configs), dev, progress, group_size, on_step,
-                            (signal.SIGINT,))
+                            (signal.SIGINT,))[0]
 
 
 def run_members(folder: str | os.PathLike, names: Sequence[str] | None = None, *, device: str = "auto",
@@ -314,6 +314,23 @@ def run_members(folder: str | os.PathLike, names: Sequence[str] | None = None, *
     one resumes from its last checkpoint (bit-exact), a missing one starts; members are stacked where they can be.
     When one of ``signals`` arrives, every member in training is saved at its current step as 'interrupted' and
     the function returns. Each member's run lock is taken while it trains."""
+    return train_members(folder, names, device=device, progress=progress, group_size=group_size, signals=signals,
+                         on_step=on_step).results
+
+
+@dataclass(frozen=True)
+class MembersTrained:
+    results: list[TrainResult]
+    """One per member trained (finished members are skipped), in the order asked."""
+    stopped_by: int | None
+    """The signal that stopped the training (None: every member ran to its end)."""
+
+
+def train_members(folder: str | os.PathLike, names: Sequence[str] | None = None, *, device: str = "auto",
+                  progress: bool = True, group_size: int = 16, signals: tuple[int, ...] = (signal.SIGINT,),
+                  on_step: Callable[[int], None] | None = None) -> MembersTrained:
+    """``run_members``, also saying which signal stopped it: a SLURM job requeues itself on one signal and merely
+    ends on another (``grokinterp.slurm``)."""
     folder = Path(folder)
     members = read_manifest(folder)
     by_name = {m.name: m for m in members}
@@ -324,14 +341,15 @@ def run_members(folder: str | os.PathLike, names: Sequence[str] | None = None, *
         raise RunError(f"{folder} has no member {unknown[0]!r}; see {folder / MANIFEST_FILE}")
     todo = [by_name[n] for n in names if member_state(folder, n) != "finished"]
     if not todo:
-        return []
+        return MembersTrained([], None)
     if group_size < 1:
         raise ConfigError(f"--group-size must be at least 1, got {group_size}")
     dev = resolve_device(device)
     check_group_fits([m.config for m in todo], folder, dev, group_size)
     resume = [member_state(folder, m.name) == "partial" for m in todo]
-    return _train_in_groups([m.config for m in todo], [folder / m.name for m in todo], resume, dev, progress,
-                            group_size, on_step, signals)
+    results, stopped_by = _train_in_groups([m.config for m in todo], [folder / m.name for m in todo], resume, dev,
+                                           progress, group_size, on_step, signals)
+    return MembersTrained(results, stopped_by)
 
 
 def check_group_fits(configs: Sequence[RunConfig], out: Path, dev: torch.device, group_size: int) -> None:
@@ -352,10 +370,10 @@ def _start_step(run_dir: Path, resume: bool) -> int:
     return 0 if state is None else state.step
 
 
-def _train_in_groups(configs: list[RunConfig], run_dirs: list[Path], resume: list[bool], dev: torch.device,
-                     progress: bool, group_size: int, on_step, signals) -> list[TrainResult]:
-    """Group the runs (same stack key and starting step; by training fraction, so a stack pads little) and train
-    group after group, up to ``group_size`` runs in each."""
+def plan_groups(configs: Sequence[RunConfig], run_dirs: Sequence[Path], resume: Sequence[bool],
+                group_size: int) -> list[list[int]]:
+    """The stacks to train, as indices into ``configs``: runs with the same stack key and starting step, by training
+    fraction (so a stack pads little), up to ``group_size`` in each."""
     keys: dict[tuple[str, int], list[int]] = {}
     for i, (config, run_dir, again) in enumerate(zip(configs, run_dirs, resume)):
         keys.setdefault((stack_key(config), _start_step(run_dir, again)), []).append(i)
@@ -363,6 +381,13 @@ def _train_in_groups(configs: list[RunConfig], run_dirs: list[Path], resume: lis
     for index in keys.values():
         index.sort(key=lambda i: configs[i].task.frac_train)
         groups += [index[i : i + group_size] for i in range(0, len(index), group_size)]
+    return groups
+
+
+def _train_in_groups(configs: list[RunConfig], run_dirs: list[Path], resume: list[bool], dev: torch.device,
+                     progress: bool, group_size: int, on_step, signals) -> tuple[list[TrainResult], int | None]:
+    """Train group after group (``plan_groups``); returns the results and the signal that stopped them, if any."""
+    groups = plan_groups(configs, run_dirs, resume, group_size)
     results: dict[int, TrainResult] = {}
     with training_mode(dev, signals) as interrupt:
         for g, group in enumerate(groups):
@@ -372,7 +397,7 @@ def _train_in_groups(configs: list[RunConfig], run_dirs: list[Path], resume: lis
             done = train_group([configs[i] for i in group], [run_dirs[i] for i in group], [resume[i] for i in group],
                                dev, interrupt=interrupt, progress=progress, on_step=on_step, label=label)
             results.update(zip(group, done))
-    return [results[i] for i in sorted(results)]
+    return [results[i] for i in sorted(results)], interrupt.signum
 
 
 def check_stackable(configs: Sequence[RunConfig]) -> None:

@@ -168,6 +168,8 @@ class _Interrupt:
 
     def __init__(self, signals: Sequence[int] = (signal.SIGINT,)) -> None:
         self.requested = False
+        self.signum: int | None = None
+        """The signal that asked to stop (the first of ``signals`` to arrive)."""
         self.signals = tuple(signals)
         self._previous: dict[int, Any] = {}
 
@@ -182,6 +184,8 @@ class _Interrupt:
     def _handle(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
+        if not self.requested:
+            self.signum = signum
         self.requested = True
 
     def __exit__(self, *exc) -> None:
