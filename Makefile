@@ -9,7 +9,7 @@ setup: $(VENV)/.installed
 # constraints.txt pins the tested torch build, so pip never drifts to a newer multi-GB one.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable ".[dev]"
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable ".[dev,slurm]"
 	touch $@
 
 run: setup

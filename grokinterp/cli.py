@@ -132,6 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folder for the results table and figures (default %(default)s)")
     sweep.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     sweep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    sweep.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                       help="local: train here (default); slurm: submit the unfinished runs to a SLURM cluster as a "
+                            "job array through submitit (pip install 'grokinterp[slurm]'), logs in <sweep>/slurm/; "
+                            "watch with `grokinterp runs <sweep>`")
+    cluster = sweep.add_argument_group("--launcher slurm")
+    cluster.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's default)")
+    cluster.add_argument("--time-limit", type=int, default=None, metavar="MINUTES",
+                         help="time limit of each job; near it a job saves its runs and requeues itself (default 60)")
+    cluster.add_argument("--gpus-per-job", type=int, default=None, help="GPUs of each job (default 0)")
+    cluster.add_argument("--cpus-per-job", type=int, default=None,
+                         help="CPU cores of each job; torch uses as many threads (default 1)")
+    cluster.add_argument("--members-per-job", type=int, default=None,
+                         help="runs each job trains, --group-size of them stacked at a time (default: --group-size)")
+    cluster.add_argument("--array-parallelism", type=int, default=None,
+                         help="most jobs of the array running at once (default 64)")
+    cluster.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
+                         help="any further sbatch option, e.g. --slurm-param account=lab --slurm-param qos=low")
+    cluster.add_argument("--wait", action="store_true",
+                         help="wait for the jobs to end, then write the results table and figures")
     _add_config_flags(sweep)
 
     plot = sub.add_parser("plot", help="a sweep's results table and one of its figures, from what has finished",
@@ -236,6 +255,10 @@ def _fmt(step) -> str:
     return "-" if step is None else str(step)
 
 
+_SLURM_FLAGS = ("partition", "time_limit", "gpus_per_job", "cpus_per_job", "members_per_job", "array_parallelism",
+                "slurm_param", "wait")
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from grokinterp.analyze import analysis_dir
     from grokinterp.sweep import (  # heavy imports only when training
@@ -248,13 +271,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         same_grid,
         shorthand_grid,
         write_manifest,
-        write_results,
     )
     from grokinterp.trainer import resolve_device
 
     overrides = _overrides(args)
     if args.group_size < 1:
         raise UsageError(f"--group-size must be at least 1, got {args.group_size}")
+    slurm = _slurm_options(args)  # before anything is written: submitit and sbatch must be there
     if args.resume:
         if args.grid or args.seeds or args.fracs or args.weight_decays or overrides or args.preset or args.name:
             raise UsageError("--resume continues a sweep as its sweep.json says; drop the grid, config flags, "
@@ -282,30 +305,133 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if folder.exists() and not same_grid(folder, members):
             raise UsageError(f"sweep folder {folder} already exists with another grid; pick another --name, or "
                              f"continue it with `grokinterp sweep --resume {folder}`")
-    device = resolve_device(args.device)  # refuse a bad --device before writing anything
+    if slurm is None:
+        device = resolve_device(args.device)  # refuse a bad --device before writing anything
+    else:  # the device is resolved on the node; here only its spelling is checked
+        device = _device_for_cluster(args.device, slurm.gpus_per_job)
     _check_output_folder(analysis_dir(folder, args.analyses_out), "--analyses-out")
-    check_group_fits([c for _, c, _ in members], folder.parent, device, args.group_size)
+    if slurm is None:  # a job checks the memory of its own node
+        check_group_fits([c for _, c, _ in members], folder.parent, device, args.group_size)
     continuing = folder.exists()
     if not continuing:
         write_manifest(folder, base, grid, members)
+    if slurm is not None:
+        return _sweep_on_slurm(folder, members, slurm, args, continuing, device)
     print(f"{'Continuing' if continuing else 'Sweep'} {folder} on {device}: {len(members)} runs "
           f"({' x '.join(f'{len(v)} {n}' for n, v in _axes(members))}), up to {args.group_size} at once",
           file=sys.stderr)
     results = run_members(folder, device=str(device), progress=not args.no_progress, group_size=args.group_size)
-    table, paths = write_results(folder, args.analyses_out)
+    return _print_results(folder, args.analyses_out, f"{len(results)} trained now",
+                          f"Not finished; continue with:  grokinterp sweep --resume {folder}", 130)
+
+
+def _print_results(folder: Path, analyses_out: str, trained: str, unfinished: str, code: int) -> int:
+    """Write the sweep's results table and figures from what has finished, print the table and name what is
+    missing; ``code`` is the exit code when something is."""
+    from grokinterp.sweep import write_results
+
+    table, paths = write_results(folder, analyses_out)
     shown = [c for c in table.columns if c not in ("run", "commutative", "setting", "budget", "stop_reason",
                                                    "final_weight_norm", "train_99_step")]
     rows = [tuple(_cell(v) for v in row) for row in table[shown].itertuples(index=False)]
     print()
     _print_table(tuple(c.replace("_", " ") for c in shown), rows)
     done = int(table["finished"].sum())
-    print(f"\nRuns: {folder} ({done} of {len(table)} finished; {len(results)} trained now)")
+    print(f"\nRuns: {folder} ({done} of {len(table)} finished; {trained})")
     print("Results: " + "\n         ".join(str(p) for p in paths))
     if done < len(table):
-        print(f"Not finished; continue with:  grokinterp sweep --resume {folder}")
-        return 130
+        missing = list(table.loc[~table["finished"].astype(bool), "run"])
+        print(f"Missing from the results: {', '.join(missing)}")
+        print(unfinished)
+        return code
     print(f"Next:  grokinterp runs {folder}")
     return 0
+
+
+def _slurm_options(args: argparse.Namespace):
+    """The SLURM launcher's options (None for --launcher local); refuses slurm flags without it, and a machine
+    without submitit or sbatch, before anything is written."""
+    given = [f for f in _SLURM_FLAGS if getattr(args, f) not in (None, [], False)]
+    if args.launcher != "slurm":
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} is an option of --launcher slurm; add --launcher slurm "
+                             "or drop it")
+        return None
+    from grokinterp.slurm import SlurmOptions, check_available
+
+    check_available()
+    for flag, low in (("time_limit", 1), ("gpus_per_job", 0), ("cpus_per_job", 1), ("members_per_job", 1),
+                      ("array_parallelism", 1)):
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least {low}, got {value}")
+    extra = {}
+    for spec in args.slurm_param:
+        key, sep, value = spec.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UsageError(f"--slurm-param expects KEY=VALUE such as account=lab, got {spec!r}")
+        extra[key.strip().lstrip("-")] = value.strip()
+    defaults = SlurmOptions()
+    return SlurmOptions(
+        partition=args.partition,
+        time_min=args.time_limit or defaults.time_min,
+        gpus_per_job=defaults.gpus_per_job if args.gpus_per_job is None else args.gpus_per_job,
+        cpus_per_job=args.cpus_per_job or defaults.cpus_per_job,
+        array_parallelism=args.array_parallelism or defaults.array_parallelism,
+        members_per_job=args.members_per_job or args.group_size,
+        extra=extra)
+
+
+def _device_for_cluster(device: str, gpus: int) -> str:
+    """A --device that a node can resolve: its spelling checked here, CUDA only with GPUs asked for."""
+    import torch
+
+    if device != "auto":
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            raise UsageError(f"unknown --device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        if kind == "cuda" and gpus < 1:
+            raise UsageError(f"--device {device} needs GPUs on the node: add --gpus-per-job 1")
+    return device
+
+
+def _sweep_on_slurm(folder: Path, members, options, args: argparse.Namespace, continuing: bool, device: str) -> int:
+    from grokinterp import slurm
+
+    statuses, note = slurm.sweep_status(folder)
+    if note:
+        raise UsageError(f"cannot tell which runs of {folder} are already queued or running: {note}")
+    busy = slurm.live(statuses)
+    todo = [s.name for s in statuses if s.state not in ("finished", "queued", "running")]
+    if busy:
+        print(f"{len(busy)} run(s) already queued or running in job(s) "
+              f"{', '.join(sorted({s.job for s in busy}))}; not submitted again", file=sys.stderr)
+    if todo:
+        jobs = slurm.submit(folder, todo, options, device=device, group_size=args.group_size)
+        array = sorted({j.split("_")[0] for j in jobs})
+        print(f"{'Continuing' if continuing else 'Sweep'} {folder} on SLURM: {len(todo)} of {len(members)} runs in "
+              f"{len(jobs)} job(s) (job {', '.join(array)}; {options.members_per_job} runs per job, "
+              f"{options.cpus_per_job} CPU(s), {options.gpus_per_job} GPU(s), {options.time_min} min"
+              + (f", partition {options.partition}" if options.partition else "") + ")", file=sys.stderr)
+        print(f"Logs: {folder / slurm.JOBS_DIR}/")
+    elif not busy:
+        return _print_results(folder, args.analyses_out, "nothing left to submit", "", 0)
+    waiting = todo + [s.name for s in busy]
+    if not args.wait:
+        print(f"Watch:  grokinterp runs {folder}\nResults of what has finished:  grokinterp plot {folder} steps"
+              f"{'' if args.analyses_out == 'analyses' else ' --analyses-out ' + args.analyses_out}")
+        return 0
+    try:
+        statuses = slurm.wait(folder, waiting)
+    except KeyboardInterrupt:
+        print(f"\nStopped waiting; the jobs go on. Watch:  grokinterp runs {folder}", file=sys.stderr)
+        return 130
+    failed = [s for s in statuses if s.state == "failed"]
+    for s in failed:
+        print(f"failed: {s.name} (job {s.job}): {s.note}", file=sys.stderr)
+    return _print_results(folder, args.analyses_out, f"{len(waiting)} trained on SLURM now",
+                          f"Not finished; resubmit with:  grokinterp sweep --resume {folder} --launcher slurm", 1)
 
 
 def _axes(members) -> list[tuple[str, list]]:
@@ -334,9 +460,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if args.figure not in FIGURES:
         raise UsageError(f"unknown figure {args.figure!r}; choose one of: {', '.join(FIGURES)}")
     table, paths = write_results(Path(args.sweep), args.analyses_out, figures=[args.figure])
-    missing = int((~table["finished"].astype(bool)).sum())
-    print(f"{args.figure}: {len(table) - missing} finished run(s)" + (f", {missing} missing" if missing else "")
-          + f" -> {paths[1]}\nTable: {paths[0]}")
+    missing = list(table.loc[~table["finished"].astype(bool), "run"])
+    print(f"{args.figure}: {len(table) - len(missing)} finished run(s)"
+          + (f", {len(missing)} missing ({', '.join(missing)})" if missing else "") + f" -> {paths[1]}\nTable: {paths[0]}")
     return 0
 
 
@@ -346,6 +472,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         raise UsageError(f"no folder {root}; give a folder of runs, e.g. `grokinterp runs {DEFAULT_ROOT}`")
     if root.exists() and not root.is_dir():
         raise UsageError(f"{root} is a file, not a folder of runs; give the folder that holds run folders")
+    if (root / "sweep.json").is_file():
+        return _print_sweep_status(root)
     paths = find_runs(root)
     if not paths:
         print(f"no runs under {root}; train one with `grokinterp train`")
@@ -367,6 +495,38 @@ def cmd_runs(args: argparse.Namespace) -> int:
                       f"{rows[-1]['val_acc']:.1%}" if rows else "-"))
     _print_table(header, table)
     return 0
+
+
+def _print_sweep_status(folder: Path) -> int:
+    """A sweep's members: finished, queued, running (SLURM), failed with its job's last line, stopped or new."""
+    from grokinterp.slurm import sweep_status
+    from grokinterp.sweep import results_table
+
+    statuses, note = sweep_status(folder)
+    table = results_table(folder).set_index("run")
+    rows = []
+    for s in statuses:
+        row = table.loc[s.name]
+        rows.append((s.name, s.state, f"{s.steps}/{row['budget']}", _fmt(_int(row["val_99_step"])),
+                     _cell(row["best_val_acc"]), s.job or "-", s.note))
+    _print_table(("run", "status", "steps", "val 99%", "best val", "job", "note"), rows)
+    counts = {}
+    for s in statuses:
+        counts[s.state] = counts.get(s.state, 0) + 1
+    order = ("finished", "running", "queued", "failed", "stopped", "new")
+    print(f"\n{folder}: " + ", ".join(f"{counts[k]} {k}" for k in order if k in counts))
+    if note:
+        print(f"({note}: members with a job show as stopped or new)")
+    if any(s.state in ("failed", "stopped", "new") for s in statuses):
+        submitted = any(s.job for s in statuses)
+        print(f"Continue the rest:  grokinterp sweep --resume {folder}" + (" --launcher slurm" if submitted else ""))
+    return 0
+
+
+def _int(value):
+    import pandas as pd
+
+    return None if pd.isna(value) else int(value)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
