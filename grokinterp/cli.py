@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="analyses", help="folder of analysis outputs (default %(default)s)")
 
     runs = sub.add_parser("runs", help="list runs with steps trained and when they reached 99%% accuracy")
-    runs.add_argument("root", nargs="?", default=None, help=f"folder of runs (default {DEFAULT_ROOT})")
+    runs.add_argument("root", nargs="?", default=None,
+                      help=f"folder of runs (default {DEFAULT_ROOT}), or a sweep folder: then each of its runs with "
+                           "its status (finished, running, queued, failed, stopped, new) on a SLURM cluster or here")
 
     sweep = sub.add_parser(
         "sweep", help="train a grid over any config fields (operations, fractions, interventions, seeds)",

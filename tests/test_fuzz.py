@@ -339,14 +339,18 @@ grid_values = st.one_of(values, st.lists(st.one_of(st.integers(-2, 5).map(str), 
                                                    values), min_size=1, max_size=3).map(",".join))
 sweep_pairs = st.lists(st.tuples(st.sampled_from(["--seeds", "--fracs", "--weight-decays", "--group-size",
                                                   "--frac-train", "--model-seed", "--steps", "--p", "--op",
-                                                  "--lr", "--name", "--device", "--bogus", "--grid"]),
-                                     st.one_of(grid_values, st.sampled_from(GRID_SPECS))),
+                                                  "--lr", "--name", "--device", "--bogus", "--grid", "--launcher",
+                                                  "--partition", "--time-limit", "--cpus-per-job", "--gpus-per-job",
+                                                  "--members-per-job", "--slurm-param"]),
+                                     st.one_of(grid_values, st.sampled_from(GRID_SPECS),
+                                               st.sampled_from(["slurm", "local", "account=lab", "gpu"]))),
                        max_size=6).map(lambda pairs: [t for pair in pairs for t in pair])
 
 
 @FUZZ
 @given(pairs=sweep_pairs, preset=st.sampled_from([None, *PRESETS]))
 def test_sweep_flags_are_accepted_or_refused_in_one_line(monkeypatch, capsys, pairs, preset):
+    import grokinterp.slurm
     import grokinterp.sweep
 
     def stand_in(folder, names=None, **kwargs):
@@ -355,6 +359,7 @@ def test_sweep_flags_are_accepted_or_refused_in_one_line(monkeypatch, capsys, pa
         raise _Accepted
 
     monkeypatch.setattr(grokinterp.sweep, "run_members", stand_in)
+    monkeypatch.setattr(grokinterp.slurm, "submit", lambda folder, *args, **kwargs: stand_in(folder))  # no sbatch
     argv = ["sweep", "--seeds", "0", "--fracs", "0.5", "--weight-decays", "1", *(["--preset", preset] if preset else []),
             *pairs, "--no-progress"]
     capsys.readouterr()
