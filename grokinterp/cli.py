@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--fracs", default=None, help="shorthand for --grid frac_train=..., e.g. 0.3,0.5,0.7")
     sweep.add_argument("--weight-decays", default=None, help="shorthand for --grid weight_decay=..., e.g. 0.3,1")
     sweep.add_argument("--resume", metavar="SWEEP", default=None,
-                       help="continue the sweep in this folder: skip finished runs, resume the others")
+                       help="continue the sweep in this folder: skip finished runs, resume the others; with "
+                            "--steps N, raise every run's budget to N and train the runs that spent theirs on")
     sweep.add_argument("--preset", default=None,
                        help=f"starting config: {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
     sweep.add_argument("--name", default=None, help="sweep folder name (default: <preset>_<op>_sweep_<time>)")
@@ -268,6 +269,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         grid_configs,
         parse_grid_axis,
         parse_values,
+        raise_budget,
         read_manifest,
         run_members,
         same_grid,
@@ -281,11 +283,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise UsageError(f"--group-size must be at least 1, got {args.group_size}")
     slurm = _slurm_options(args)  # before anything is written: submitit and sbatch must be there
     if args.resume:
-        if args.grid or args.seeds or args.fracs or args.weight_decays or overrides or args.preset or args.name:
+        others = [k for k in overrides if k != "steps"]
+        if args.grid or args.seeds or args.fracs or args.weight_decays or others or args.preset or args.name:
             raise UsageError("--resume continues a sweep as its sweep.json says; drop the grid, config flags, "
-                             "--preset and --name")
+                             "--preset and --name (only --steps may be given, to raise every run's budget)")
         folder = Path(args.resume)
-        members = [(m.name, m.config, m.grid) for m in read_manifest(folder)]
+        if "steps" in overrides:  # checked now, written once every other check has passed
+            members = [(m.name, m.config, m.grid) for m in raise_budget(folder, overrides["steps"], write=False)]
+        else:
+            members = [(m.name, m.config, m.grid) for m in read_manifest(folder)]
         name = folder.name
     else:
         grid = [parse_grid_axis(spec) for spec in args.grid]
@@ -317,6 +323,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     continuing = folder.exists()
     if not continuing:
         write_manifest(folder, base, grid, members)
+    elif args.resume and "steps" in overrides:
+        raise_budget(folder, overrides["steps"], write=True)
     if slurm is not None:
         return _sweep_on_slurm(folder, members, slurm, args, continuing, device)
     print(f"{'Continuing' if continuing else 'Sweep'} {folder} on {device}: {len(members)} runs "

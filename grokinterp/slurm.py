@@ -144,7 +144,7 @@ def plan_jobs(folder: Path, names: Sequence[str], members_per_job: int) -> list[
 
     by_name = {m.name: m for m in read_manifest(folder)}
     configs = [by_name[n].config for n in names]
-    resume = [member_state(folder, n) == "partial" for n in names]
+    resume = [member_state(folder, n, by_name[n].config.train.steps) == "partial" for n in names]
     order = [names[i] for group in plan_groups(configs, [folder / n for n in names], resume, len(names) or 1)
              for i in group]
     return [order[i : i + members_per_job] for i in range(0, len(order), members_per_job)]
@@ -250,7 +250,8 @@ def sweep_status(folder: str | os.PathLike) -> tuple[list[MemberStatus], str]:
     for record in read_jobs(folder):
         for name in record["members"]:
             latest[name] = record["job"]
-    pending = [latest[m.name] for m in members if m.name in latest and member_state(folder, m.name) != "finished"]
+    pending = [latest[m.name] for m in members
+               if m.name in latest and member_state(folder, m.name, m.config.train.steps) != "finished"]
     note = ""
     try:
         states = job_states(pending)
@@ -258,7 +259,7 @@ def sweep_status(folder: str | os.PathLike) -> tuple[list[MemberStatus], str]:
         states, note = {}, f"queue unknown ({err})"
     out = []
     for m in members:
-        disk = member_state(folder, m.name)
+        disk = member_state(folder, m.name, m.config.train.steps)
         steps = _steps(folder / m.name)
         job = latest.get(m.name)
         slurm = states.get(job) if job else None

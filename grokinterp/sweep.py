@@ -263,8 +263,10 @@ def same_grid(folder: Path, members: Sequence[tuple[str, RunConfig, dict[str, An
     return [(m.name, m.config) for m in saved] == [(name, config) for name, config, _ in members]
 
 
-def member_state(folder: str | os.PathLike, name: str) -> str:
-    """'new' (no run directory yet), 'finished' (budget spent or stop rule met), or 'partial' (started)."""
+def member_state(folder: str | os.PathLike, name: str, budget: int | None = None) -> str:
+    """'new' (no run directory yet), 'finished' (budget spent or stop rule met), or 'partial' (started). With
+    ``budget`` (the member's budget in sweep.json), a run that spent a smaller one is 'partial': the sweep's budget
+    was raised since (``raise_budget``)."""
     path = Path(folder) / name
     if not path.exists():
         return "new"
@@ -274,7 +276,37 @@ def member_state(folder: str | os.PathLike, name: str) -> str:
         state = RunStore(path).read_trainer_state()
     except RunError:
         return "partial"
-    return "finished" if state is not None and state.finished else "partial"
+    if state is None or not state.finished:
+        return "partial"
+    if budget is not None and state.stop_reason == "budget" and state.step < budget:
+        return "partial"
+    return "finished"
+
+
+def raise_budget(folder: str | os.PathLike, steps: int, *, write: bool) -> list[Member]:
+    """The sweep's members with every budget raised to ``steps`` (``sweep --resume SWEEP --steps N``), and with
+    ``write`` their sweep.json rewritten so. Members that spent their old budget train on from their last checkpoint,
+    bit-for-bit as if the budget had been ``steps`` from the start; members that met their stop rule stay finished.
+    Refuses, in one line, a budget below a member's own or a sweep whose grid sets the budget."""
+    folder = Path(folder)
+    members = read_manifest(folder)
+    if any("steps" in m.grid for m in members):
+        raise ConfigError("this sweep's grid sets --steps per run; its budgets cannot all be raised to one value")
+    smaller = [m for m in members if steps < m.config.train.steps]
+    if smaller:
+        raise ConfigError(f"--steps {steps} is below the budget of {smaller[0].name} ({smaller[0].config.train.steps}"
+                          "); a resumed sweep's budget can only grow")
+    raised = [Member(m.name, m.config.replace(steps=steps), m.grid) for m in members]
+    if write:
+        path = folder / MANIFEST_FILE
+        manifest = json.loads(path.read_text())
+        if "config" not in manifest["members"][0]:  # written before grids: rewritten in today's form
+            manifest["members"] = [{"name": m.name, "grid": m.grid} for m in members]
+        manifest["base"]["train"]["steps"] = steps
+        for entry, m in zip(manifest["members"], raised):
+            entry["config"] = m.config.to_dict()
+        write_text_atomic(path, json.dumps(manifest, indent=2) + "\n")
+    return raised
 
 
 # -- training ---------------------------------------------------------------------------------------------------
@@ -339,14 +371,14 @@ def train_members(folder: str | os.PathLike, names: Sequence[str] | None = None,
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise RunError(f"{folder} has no member {unknown[0]!r}; see {folder / MANIFEST_FILE}")
-    todo = [by_name[n] for n in names if member_state(folder, n) != "finished"]
+    todo = [by_name[n] for n in names if member_state(folder, n, by_name[n].config.train.steps) != "finished"]
     if not todo:
         return MembersTrained([], None)
     if group_size < 1:
         raise ConfigError(f"--group-size must be at least 1, got {group_size}")
     dev = resolve_device(device)
     check_group_fits([m.config for m in todo], folder, dev, group_size)
-    resume = [member_state(folder, m.name) == "partial" for m in todo]
+    resume = [member_state(folder, m.name, m.config.train.steps) == "partial" for m in todo]
     results, stopped_by = _train_in_groups([m.config for m in todo], [folder / m.name for m in todo], resume, dev,
                                            progress, group_size, on_step, signals)
     return MembersTrained(results, stopped_by)
@@ -456,7 +488,8 @@ def results_table(folder: str | os.PathLike) -> pd.DataFrame:
                     best_val_acc=max((r["val_acc"] for r in log_rows), default=None),
                     final_weight_norm=math.sqrt(log_rows[-1]["weight_norm_sq"]) if log_rows else None,
                     steps_trained=int(log_rows[-1]["step"]) if log_rows else 0,
-                    finished=bool(state is not None and state.finished),
+                    finished=bool(state is not None and state.finished and not (
+                        state.stop_reason == "budget" and state.step < m.config.train.steps)),  # budget raised since
                     stop_reason=(state.stop_reason or "partial") if state is not None else "partial")
         rows.append(row)
     columns = RESULT_COLUMNS[:6] + [f for f in grid_fields if f not in RESULT_COLUMNS] + RESULT_COLUMNS[6:]

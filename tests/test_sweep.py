@@ -23,6 +23,7 @@ from grokinterp.sweep import (
     member_name,
     member_state,
     parse_grid_axis,
+    raise_budget,
     read_manifest,
     results_table,
     run_members,
@@ -463,3 +464,44 @@ def test_group_size_one_trains_ordinary_runs_one_after_another(tmp_path, tiny):
     assert [r.run.config for r in results] == configs
     a, b = results[1].run.state_dict(), alone.run.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in b)  # the ordinary trainer itself: bit for bit
+
+
+def test_a_resumed_sweep_can_raise_every_budget(tmp_path, capsys):
+    """`sweep --resume SWEEP --steps N` trains every run that spent its budget on to N, from its last checkpoint,
+    ending bit-for-bit where a sweep given N from the start ends; a smaller budget or another flag is refused in
+    one line and rewrites nothing."""
+    def argv(steps, name):
+        tiny = list(TINY)
+        tiny[tiny.index("--steps") + 1] = str(steps)
+        return ["sweep", "--out", str(tmp_path / "ckpt"), "--analyses-out", str(tmp_path / "an"), "--name", name,
+                *tiny, "--seeds", "0,1", "--fracs", "0.5", "--weight-decays", "1"]
+
+    assert main(argv(20, "short")) == 0
+    folder = tmp_path / "ckpt" / "short"
+    manifest = (folder / "sweep.json").read_text()
+    for flags, message in ((["--steps", "10"], "--steps 10 is below the budget of frac0.50_wd1_seed0 (20)"),
+                           (["--steps", "40", "--lr", "0.1"], "only --steps may be given")):
+        capsys.readouterr()
+        assert main(["sweep", "--resume", str(folder), "--no-progress", *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert (folder / "sweep.json").read_text() == manifest
+    raised = raise_budget(folder, 40, write=False)
+    assert [m.config.train.steps for m in raised] == [40, 40] and (folder / "sweep.json").read_text() == manifest
+
+    assert main(["sweep", "--resume", str(folder), "--steps", "40", "--no-progress"]) == 0
+    assert [m.config.train.steps for m in read_manifest(folder)] == [40, 40]
+    assert main(argv(40, "long")) == 0
+    for name in ("frac0.50_wd1_seed0", "frac0.50_wd1_seed1"):
+        ours, ref = load_run(folder / name), load_run(tmp_path / "ckpt" / "long" / name)
+        assert ours.trainer_state.step == 40 and ours.trainer_state.finished and ours.config.train.steps == 40
+        assert _max_diff(ours.state_dict(40), ref.state_dict(40)) == 0
+        a, b = ours.metrics.drop(columns="time_s"), ref.metrics.drop(columns="time_s")
+        common = sorted(set(a.step) & set(b.step))
+        assert len(common) >= 8
+        pd.testing.assert_frame_equal(a.loc[common], b.loc[common])
+    assert results_table(folder).finished.all()
+    assert member_state(folder, "frac0.50_wd1_seed0", budget=60) == "partial"  # a budget raised again
+    raise_budget(folder, 60, write=True)
+    assert not results_table(folder).finished.any() and member_state(folder, "frac0.50_wd1_seed1",
+                                                                      budget=60) == "partial"
