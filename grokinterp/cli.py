@@ -292,7 +292,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             members = [(m.name, m.config, m.grid) for m in raise_budget(folder, overrides["steps"], write=False)]
         else:
             members = [(m.name, m.config, m.grid) for m in read_manifest(folder)]
-        name = folder.name
     else:
         grid = [parse_grid_axis(spec) for spec in args.grid]
         grid += shorthand_grid(None if args.seeds is None else parse_values(args.seeds, "--seeds", int),

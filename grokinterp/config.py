@@ -272,6 +272,10 @@ class RunConfig:
             raise ConfigError(f"config is not valid JSON ({err})") from None
         return cls.from_dict(data)
 
+    def flat(self) -> dict[str, Any]:
+        """Every field by name, across the sections (field names are unique across sections)."""
+        return {k: v for section in self.to_dict().values() for k, v in section.items()}
+
     def replace(self, **overrides: Any) -> "RunConfig":
         """A copy with fields overridden by name (field names are unique across sections)."""
         sections = {name: {} for name in SECTIONS}

@@ -125,15 +125,16 @@ class Interventions:
             for n, g in zip(names, grads):
                 _orthogonalize(g, trainable[n].detach())
         if any(self.weight_decay):
+            decoupled = self.optimizer == "adamw"  # w ← w − lr·wd·(w − target), before Adam's own update
             for n, g in zip(names, grads):
                 w = trainable[n]
+                if decoupled and self.wd_target == "origin":  # 1 − lr·wd formed in float64, as torch's AdamW does
+                    w.mul_((1 - lr * per_model(self.weight_decay, w, torch.float64)).to(w.dtype))
+                    continue
                 toward = w if self.wd_target == "origin" else w - self.init[n]
                 wd = per_model(self.weight_decay, w)
-                if self.optimizer == "adamw":  # decoupled: w ← w − lr·wd·(w − target), before Adam's own update
-                    if self.wd_target == "origin":  # 1 − lr·wd formed in float64, as torch.optim.AdamW forms it
-                        w.mul_((1 - lr * per_model(self.weight_decay, w, torch.float64)).to(w.dtype))
-                    else:
-                        w.sub_(toward * (lr * wd))
+                if decoupled:
+                    w.sub_(toward * (lr * wd))
                 else:  # Adam's and SGD's L2 penalty, folded into the gradient
                     g.add_(toward * wd)
 

@@ -32,13 +32,12 @@ from grokinterp.config import FIELD_SECTION, SECTIONS, ConfigError, RunConfig
 from grokinterp.errors import RunError
 from grokinterp.resources import check_fits
 from grokinterp.tasks import get_operation
-from grokinterp.trainer import TrainResult, resolve_device, stack_key, stack_mismatch, train_group, training_mode
+from grokinterp.trainer import REACHED, TrainResult, resolve_device, stack_key, train_group, training_mode
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "sweep.json"
 RESULTS = "results"
-REACHED = 0.99  # accuracy that counts as "learned" (Power et al. use 99%)
 SEED = "seed"
 """Grid pseudo-field: sets both model_seed and data_seed, so seeds vary the split and the initialization together,
 as independent repeats should."""
@@ -142,14 +141,14 @@ def sweep_configs(base: RunConfig, seeds: Iterable[int], fracs: Iterable[float],
     return [config for _, config, _ in grid_configs(base, grid)]
 
 
-_SHORTHANDS = (("--fracs", "frac_train", float), ("--weight-decays", "weight_decay", float), ("--seeds", SEED, int))
+_SHORTHANDS = (("--fracs", "frac_train"), ("--weight-decays", "weight_decay"), ("--seeds", SEED))
 
 
 def shorthand_grid(seeds: list | None, fracs: list | None, weight_decays: list | None) -> list[GridAxis]:
     """The grid axes of the shorthand flags, in the order frac, weight decay, seed (those given)."""
     given = {"--fracs": fracs, "--weight-decays": weight_decays, "--seeds": seeds}
     axes = []
-    for flag, name, _ in _SHORTHANDS:
+    for flag, name in _SHORTHANDS:
         values = given[flag]
         if values is None:
             continue
@@ -276,11 +275,15 @@ def member_state(folder: str | os.PathLike, name: str, budget: int | None = None
         state = RunStore(path).read_trainer_state()
     except RunError:
         return "partial"
+    return "finished" if _finished(state, budget) else "partial"
+
+
+def _finished(state, budget: int | None) -> bool:
+    """Whether a run with trainer state ``state`` (None: no checkpoint yet) is done: its budget spent or its stop rule
+    met, and, given the sweep's ``budget``, not a run whose budget was raised since."""
     if state is None or not state.finished:
-        return "partial"
-    if budget is not None and state.stop_reason == "budget" and state.step < budget:
-        return "partial"
-    return "finished"
+        return False
+    return budget is None or state.stop_reason != "budget" or state.step >= budget
 
 
 def raise_budget(folder: str | os.PathLike, steps: int, *, write: bool) -> list[Member]:
@@ -371,14 +374,15 @@ def train_members(folder: str | os.PathLike, names: Sequence[str] | None = None,
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise RunError(f"{folder} has no member {unknown[0]!r}; see {folder / MANIFEST_FILE}")
-    todo = [by_name[n] for n in names if member_state(folder, n, by_name[n].config.train.steps) != "finished"]
+    states = {n: member_state(folder, n, by_name[n].config.train.steps) for n in names}
+    todo = [by_name[n] for n in names if states[n] != "finished"]
     if not todo:
         return MembersTrained([], None)
     if group_size < 1:
         raise ConfigError(f"--group-size must be at least 1, got {group_size}")
     dev = resolve_device(device)
     check_group_fits([m.config for m in todo], folder, dev, group_size)
-    resume = [member_state(folder, m.name, m.config.train.steps) == "partial" for m in todo]
+    resume = [states[m.name] == "partial" for m in todo]
     results, stopped_by = _train_in_groups([m.config for m in todo], [folder / m.name for m in todo], resume, dev,
                                            progress, group_size, on_step, signals)
     return MembersTrained(results, stopped_by)
@@ -432,12 +436,6 @@ def _train_in_groups(configs: list[RunConfig], run_dirs: list[Path], resume: lis
     return [results[i] for i in sorted(results)], interrupt.signum
 
 
-def check_stackable(configs: Sequence[RunConfig]) -> None:
-    reason = stack_mismatch(configs)
-    if reason is not None:
-        raise ConfigError(reason)
-
-
 # -- results (Power et al. 2022, Fig. 2) ------------------------------------------------------------------------
 RESULT_COLUMNS = ["run", "op", "commutative", "frac_train", "seed", "setting", "train_99_step", "val_99_step",
                   "best_val_acc", "final_weight_norm", "steps_trained", "budget", "finished", "stop_reason"]
@@ -488,8 +486,7 @@ def results_table(folder: str | os.PathLike) -> pd.DataFrame:
                     best_val_acc=max((r["val_acc"] for r in log_rows), default=None),
                     final_weight_norm=math.sqrt(log_rows[-1]["weight_norm_sq"]) if log_rows else None,
                     steps_trained=int(log_rows[-1]["step"]) if log_rows else 0,
-                    finished=bool(state is not None and state.finished and not (
-                        state.stop_reason == "budget" and state.step < m.config.train.steps)),  # budget raised since
+                    finished=_finished(state, m.config.train.steps),
                     stop_reason=(state.stop_reason or "partial") if state is not None else "partial")
         rows.append(row)
     columns = RESULT_COLUMNS[:6] + [f for f in grid_fields if f not in RESULT_COLUMNS] + RESULT_COLUMNS[6:]

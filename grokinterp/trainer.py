@@ -43,7 +43,7 @@ from grokinterp.checkpoints import (
     metrics_step_cutoff,
     weight_norm_sq,
 )
-from grokinterp.config import RunConfig, TrainConfig
+from grokinterp.config import ConfigError, RunConfig, TrainConfig
 from grokinterp.denormals import flush_denormals
 from grokinterp.fastpath import answer_logits_from_params, fast_logits_from_params, unsupported_reason
 from grokinterp.interventions import DROPOUT, Interventions, dropout_hooks, generator
@@ -60,7 +60,9 @@ MEMBER_FIELDS = ("model_seed", "data_seed", "frac_train", "weight_decay", "weigh
 CPU_ROWS_PER_PASS = 16_384
 """Rows (models x batch) per forward/backward pass of a stack on the CPU. Measured on nanda2023 (3830 training rows),
 one pass over 16 models ran ~25% slower per model than passes of 4, whose activations still fit in cache."""
-REACHED = 0.99  # validation accuracy counted as "reached" on a stack's progress bar when no stop rule is set
+REACHED = 0.99
+"""Accuracy that counts as learned (Power et al. use 99%): on a stack's progress bar when no stop rule is set, and in
+a sweep's results table."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -131,7 +133,7 @@ def fast_path_reason(config: RunConfig, hooked_cfg) -> str | None:
 def stack_key(config: RunConfig) -> str:
     """Runs with the same key can be trained in one stack: they differ only in ``MEMBER_FIELDS``. Dropout runs are
     trained alone (their forward is the HookedTransformer's, with hooks that draw per model)."""
-    flat = {k: v for section in config.to_dict().values() for k, v in section.items() if k not in MEMBER_FIELDS}
+    flat = {k: v for k, v in config.flat().items() if k not in MEMBER_FIELDS}
     if config.train.dropout or config.train.attn_dropout:
         flat["alone"] = config.to_json()
     return json.dumps(flat, sort_keys=True)
@@ -141,14 +143,14 @@ def stack_mismatch(configs: Sequence[RunConfig]) -> str | None:
     """Why ``configs`` cannot be trained in one stack (one line), or None if they can."""
     if len(configs) < 2:
         return None
-    flat = [{k: v for section in c.to_dict().values() for k, v in section.items()} for c in configs]
+    flat = [c.flat() for c in configs]
     for i, other in enumerate(flat[1:], start=1):
         for key, value in flat[0].items():
             if key not in MEMBER_FIELDS and other[key] != value:
                 return (f"cannot train these runs in one stack: --{key.replace('_', '-')} is {value} in the first and "
                         f"{other[key]} in run {i}; a stack's runs may differ only in "
                         f"{', '.join('--' + f.replace('_', '-') for f in MEMBER_FIELDS)}")
-    if stack_key(configs[0]) != stack_key(configs[1]):
+    if configs[0].train.dropout or configs[0].train.attn_dropout:  # shared by all, as checked above
         return "runs with dropout are trained one at a time, not in a stack"
     return None
 
@@ -374,7 +376,6 @@ class _Member:
     data: TaskData
     state: TrainerState | None = None
     metrics_file: Any = None
-    rows: list | None = None
     time_offset: float = 0.0
     reached_at: int | None = None
     val_reached: bool = False
@@ -453,6 +454,9 @@ def train_group(configs: Sequence[RunConfig], run_dirs: Sequence[Path], resume: 
     """The one training loop, for runs that can share a stack (``stack_mismatch``) and start from the same step
     (new runs, or resumed ones whose last checkpoints are at one step). Call it under ``training_mode``. Returns one
     result per run, in order; on an interrupt every run is saved at the step it reached."""
+    reason = stack_mismatch(configs)
+    if reason is not None:
+        raise ConfigError(reason)
     members: list[_Member] = []
     try:
         for config, run_dir, again in zip(configs, run_dirs, resume):
@@ -686,8 +690,7 @@ def _full_batch(members: list[_Member], active: list[int], table: TaskData):
 
 
 def _check_resume_config(saved: RunConfig, asked: RunConfig, path: Path) -> None:
-    saved_flat = {k: v for section in saved.to_dict().values() for k, v in section.items()}
-    asked_flat = {k: v for section in asked.to_dict().values() for k, v in section.items()}
+    saved_flat, asked_flat = saved.flat(), asked.flat()
     changed = [k for k in saved_flat if saved_flat[k] != asked_flat[k] and k not in RESUMABLE_FIELDS]
     if changed:
         k = changed[0]

@@ -32,7 +32,7 @@ from grokinterp.sweep import (
     write_manifest,
 )
 from grokinterp.tasks import build_task
-from grokinterp.trainer import ModelStack, _batch, _Member, stack_mismatch, train
+from grokinterp.trainer import ModelStack, _batch, _Interrupt, _Member, stack_mismatch, train, train_group
 
 # Stacked and ordinary training are compared over whole runs in float64 (the ``float64_training`` fixture), where
 # two implementations of one step stay ~1e-13 apart; in float32 their trajectories part chaotically, by an amount
@@ -202,6 +202,11 @@ def test_runs_that_cannot_share_a_stack_train_in_groups_of_their_own(tmp_path, t
     assert stack_mismatch([tiny(dropout=0.1), tiny(dropout=0.1, model_seed=1)]) == (
         "runs with dropout are trained one at a time, not in a stack")
     assert stack_mismatch([tiny(), tiny(model_seed=3, weight_noise=0.01, grad_noise=0.1, frac_train=0.4)]) is None
+    # the loop itself refuses a stack it cannot train, before it writes anything
+    with pytest.raises(ConfigError, match="cannot train these runs in one stack: --lr"):
+        train_group(configs[:2], [tmp_path / "x0", tmp_path / "x1"], [False, False], torch.device("cpu"),
+                    interrupt=_Interrupt())
+    assert not (tmp_path / "x0").exists() and not (tmp_path / "x1").exists()
     results = train_many(configs, [tmp_path / f"m{i}" for i in range(3)], device="cpu", progress=False)
     for i, (config, result) in enumerate(zip(configs, results)):
         alone = train(config, tmp_path / f"alone{i}", device="cpu", progress=False).run
