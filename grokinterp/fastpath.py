@@ -25,6 +25,7 @@ instead of about 130 ms for the model's own forward; what is left is mostly the 
 (see the README's benchmark).
 """
 
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -140,9 +141,10 @@ def _layer0(params: Mapping[str, Tensor], tokens: Int[Tensor, "batch 3"], cfg: H
 
     # Per row: gather the two tables' scores and take a softmax over the three positions.
     a, b = tokens[:, 0], tokens[:, 1]
-    scores = torch.stack([scores_ab[0][a], scores_ab[1][b], score_eq.expand(a.shape[0], n_heads)], dim=-1)
+    # Laid out [batch, 3, n_heads]: torch's softmax over a last dimension of 3 costs twice this one.
+    scores = torch.stack([scores_ab[0][a], scores_ab[1][b], score_eq.expand(a.shape[0], n_heads)], dim=1)
     scores = apply_softcap(scores, cfg.attn_scores_soft_cap)
-    pattern = scores.softmax(dim=-1)  # position 2 sees all three, so no causal mask
+    pattern = scores.softmax(dim=1).transpose(1, 2)  # position 2 sees all three, so no causal mask
     return resid_eq, pattern, v_ab, v_eq
 
 
@@ -213,53 +215,99 @@ class _MixedReadout(torch.autograd.Function):
     """``z @ R`` for each readout ``R`` [n_heads, d_head, F], where ``z[n, h] = Σ_j pattern[n, h, j] v_j[t_j[n], h]``
     (tokens t = (a, b, =), values as ``_layer0`` gives them), without forming ``z`` or multiplying by ``R`` per row.
 
-    Forward: the tables ``v_j R`` over the vocabulary, then one ``embedding_bag`` per readout sums the
-    3·n_heads table rows of each example with its pattern as weights. Backward, by hand (torch's own backward of
-    ``embedding_bag``'s weights is a slow per-element loop): ``z`` is rebuilt from the pattern, and
-    ``dR = zᵀ dOut``, ``dz = dOut Rᵀ``, from which the pattern's and the values' gradients are gathers and
-    scatters of [batch, n_heads, d_head]."""
+    Forward: the tables ``T = v R`` over the vocabulary (one bmm per readout), then an ``embedding_bag`` sums each
+    example's 2·n_heads rows for its a and b with the pattern as weights, and one [batch, n_heads] × [n_heads, F]
+    matmul adds the rows of ``=``, which every example shares. Backward, by hand, through the tables rather than
+    through ``z`` (``dR = zᵀ dOut`` and ``dz = dOut Rᵀ`` were each a [batch, d_mlp] × [d_mlp, n_heads·d_head]
+    matmul; this is a sixth of their arithmetic):
+
+    * ``dT[r] = Σ_(n, j): row r is n's token at j  pattern[n, h, j] · dOut[n]``: an ``embedding_bag`` over dOut's
+      rows with one bag per table row (torch's own backward of ``embedding_bag`` with per-sample weights is a slow
+      per-element loop), and for ``=`` a matmul;
+    * ``dpattern[n, h, j] = dOut[n] · T[row of n's token at j]``: the entries of ``dOut Tᵀ`` at each example's rows,
+      by a sampled matmul (``torch.sparse.sampled_addmm``), and for ``=`` a matmul;
+    * ``dv = dT Rᵀ`` and ``dR = vᵀ dT``: per-head matmuls over the vocabulary, whatever the batch."""
 
     @staticmethod
     def forward(ctx, pattern, v_ab, v_eq, a, b, *readouts):
         batch, n_heads, _ = pattern.shape
         d_vocab = v_ab.shape[1]
-        # The tables, head-major: row h·(2·d_vocab + 1) + j·d_vocab + t holds head h's value of token t at position j
-        # (j = 0, 1) times R, and row h·(2·d_vocab + 1) + 2·d_vocab that of "=" at position 2. One bmm, no copies.
+        # The tables, head-major: row j·d_vocab + t of head h holds head h's value of token t at position j (j = 0, 1)
+        # times R, and row 2·d_vocab that of "=" at position 2.
         values = torch.cat([v_ab.flatten(0, 1), v_eq.unsqueeze(0)]).transpose(0, 1)  # [n_heads, 2·d_vocab + 1, e]
-        first = torch.arange(n_heads, device=pattern.device) * (2 * d_vocab + 1)  # each head's first row
-        index = torch.cat([first + a[:, None], first + d_vocab + b[:, None], (first + 2 * d_vocab).expand(batch, -1)],
-                          dim=1)  # [batch, 3·n_heads], position-major like the weights
-        weights = pattern.transpose(1, 2).reshape(batch, 3 * n_heads)
-        outs = []
-        for readout in readouts:
-            table = torch.bmm(values, readout).flatten(0, 1)  # [n_heads·(2·d_vocab + 1), F]
-            outs.append(F.embedding_bag(index, table, per_sample_weights=weights, mode="sum"))
-        ctx.save_for_backward(pattern, v_ab, v_eq, a, b, *readouts)
-        return tuple(outs)
+        tables = [torch.bmm(values, readout) for readout in readouts]  # [n_heads, 2·d_vocab + 1, F]
+        # Each example's rows for a and b in the flattened tables, head-major, so every row of ``index`` increases.
+        first = torch.arange(n_heads, device=pattern.device)[:, None] * (2 * d_vocab + 1)  # [n_heads, 1]
+        index = torch.stack([a, b + d_vocab], dim=-1)[:, None, :].add(first).flatten(1)  # [batch, 2·n_heads]
+        weights = pattern[..., :2].reshape(batch, 2 * n_heads)
+        outs = tuple(F.embedding_bag(index, table.flatten(0, 1), per_sample_weights=weights, mode="sum")
+                     .addmm_(pattern[..., 2], table[:, 2 * d_vocab]) for table in tables)
+        ctx.save_for_backward(pattern, values, a, b, index, *readouts, *tables)
+        return outs
 
     @staticmethod
     def backward(ctx, *grads):
-        pattern, v_ab, v_eq, a, b, *readouts = ctx.saved_tensors
-        batch, n_heads, d_head = pattern.shape[0], *v_eq.shape
-        v_a, v_b = v_ab[0][a], v_ab[1][b]  # [batch, n_heads, d_head]
-        z = (pattern[..., 0:1] * v_a + pattern[..., 1:2] * v_b + pattern[..., 2:3] * v_eq).reshape(batch, -1)
-        dz, d_readouts = None, []
-        for readout, grad in zip(readouts, grads):
+        pattern, values, a, b, index, *saved = ctx.saved_tensors
+        readouts, tables = saved[: len(saved) // 2], saved[len(saved) // 2 :]
+        n_rows = values.shape[1]
+        d_vocab = (n_rows - 1) // 2
+        d_pattern = d_values = bags = None
+        d_readouts: list[Tensor | None] = [None] * len(readouts)
+        for i, (readout, table, grad) in enumerate(zip(readouts, tables, grads)):
             if grad is None:
-                d_readouts.append(None)
                 continue
-            flat = readout.reshape(n_heads * d_head, -1)
-            d_readouts.append((z.T @ grad).view(readout.shape) if ctx.needs_input_grad[5 + len(d_readouts)]
-                              else None)
-            dz = grad @ flat.T if dz is None else dz.addmm_(grad, flat.T)
-        if dz is None:
+            grad = grad.contiguous()
+            bags = bags or _TableBags(pattern, a, b, index, d_vocab)
+            d_table = bags.sum(grad)  # [n_heads, 2·d_vocab + 1, F]
+            d_p = bags.sampled(grad, table)  # [batch, n_heads, 3]
+            d_v = torch.bmm(d_table, readout.transpose(1, 2))
+            d_pattern = d_p if d_pattern is None else d_pattern.add_(d_p)
+            d_values = d_v if d_values is None else d_values.add_(d_v)
+            if ctx.needs_input_grad[5 + i]:
+                d_readouts[i] = torch.bmm(values.transpose(1, 2), d_table)
+        if d_values is None:
             return (None,) * (5 + len(readouts))
-        dz = dz.view(batch, n_heads, d_head)
-        d_pattern = torch.stack([(dz * v_a).sum(-1), (dz * v_b).sum(-1), (dz * v_eq).sum(-1)], dim=-1)
-        d_v_ab = torch.stack([torch.zeros_like(v_ab[0]).index_add_(0, a, pattern[..., 0:1] * dz),
-                              torch.zeros_like(v_ab[1]).index_add_(0, b, pattern[..., 1:2] * dz)])
-        d_v_eq = (pattern[..., 2:3] * dz).sum(0)
-        return (d_pattern, d_v_ab, d_v_eq, None, None, *d_readouts)
+        d_v_ab = d_values[:, : 2 * d_vocab].unflatten(1, (2, d_vocab)).permute(1, 2, 0, 3)  # [2, d_vocab, n_heads, e]
+        return (d_pattern, d_v_ab, d_values[:, 2 * d_vocab], None, None, *d_readouts)
+
+
+class _TableBags:
+    """For ``_MixedReadout``'s backward: the transpose of its forward's sum of table rows, and the sampled product
+    that gives the pattern's gradient. Built once per backward, from the tokens' orders (no sort of the whole
+    index)."""
+
+    def __init__(self, pattern: Float[Tensor, "batch n_heads 3"], a: Int[Tensor, " batch"], b: Int[Tensor, " batch"],
+                 index: Int[Tensor, "batch k"], d_vocab: int):
+        n_heads = pattern.shape[1]
+        # Bag r of head h (r < 2·d_vocab) holds the examples whose token at position r // d_vocab is r % d_vocab, in
+        # batch order (a stable sort), so each sums its rows in a fixed order: deterministic.
+        by_a, by_b = torch.argsort(a, stable=True), torch.argsort(b, stable=True)
+        self.rows = torch.cat([by_a, by_b]).repeat(n_heads)
+        self.weights = torch.cat([pattern[by_a, :, 0].T, pattern[by_b, :, 1].T], dim=1).flatten()
+        sizes = torch.cat([torch.bincount(a, minlength=d_vocab), torch.bincount(b, minlength=d_vocab),
+                           a.new_zeros(1)]).repeat(n_heads)  # the bag of "=" is empty: a matmul does it
+        self.offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+        self.pattern, self.index, self.n_heads, self.d_vocab = pattern, index, n_heads, d_vocab
+
+    def sum(self, grad: Float[Tensor, "batch F"]) -> Float[Tensor, "n_heads n_rows F"]:
+        """Row r of head h: the sum of pattern[n, h, j] · grad[n] over the examples n whose token at position j
+        is that row's token."""
+        d_table = F.embedding_bag(self.rows, grad, self.offsets, mode="sum", per_sample_weights=self.weights)
+        d_table = d_table.view(self.n_heads, 2 * self.d_vocab + 1, -1)
+        d_table[:, 2 * self.d_vocab] = self.pattern[..., 2].T @ grad
+        return d_table
+
+    def sampled(self, grad: Float[Tensor, "batch F"], table: Float[Tensor, "n_heads n_rows F"]
+                ) -> Float[Tensor, "batch n_heads 3"]:
+        """Entry (n, h, j): grad[n] · table[h, row of n's token at j]."""
+        batch, k = self.index.shape
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            rows = torch.sparse_csr_tensor(
+                torch.arange(0, batch * k + 1, k, device=grad.device), self.index.flatten(), grad.new_zeros(batch * k),
+                size=(batch, table.shape[0] * table.shape[1]), check_invariants=False)
+            ab = torch.sparse.sampled_addmm(rows, grad, table.flatten(0, 1).T, beta=0.0).values()
+        return torch.cat([ab.view(batch, self.n_heads, 2), (grad @ table[:, 2 * self.d_vocab].T).unsqueeze(-1)], -1)
 
 
 def fast_answer_logits(model: HookedTransformer, tokens: Int[Tensor, "batch 3"]) -> Float[Tensor, "batch d_vocab_out"]:

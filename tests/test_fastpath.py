@@ -130,6 +130,29 @@ def test_folded_path_is_the_model_to_float64_rounding(name):
             assert folded_params[n].grad is None
 
 
+@pytest.mark.parametrize("name", ["biases", "attn_only"])
+@pytest.mark.parametrize("rows", ["one row", "repeats and gaps", "shuffled"])
+def test_folded_backward_on_batches_that_miss_and_repeat_tokens(rows, name):
+    """The folded path's backward sums each table row's gradient over the batch rows that use it: batches where
+    most tokens appear nowhere (empty sums), where one row comes many times, or in any order give the model's own
+    gradients (float64)."""
+    data = build_task("add", 13, 5, 0.5, 0)
+    generator = torch.Generator().manual_seed(1)
+    index = {"one row": torch.tensor([40]),
+             "repeats and gaps": torch.tensor([5, 5, 5, 17, 5, 80, 17]),
+             "shuffled": torch.randperm(len(data.labels), generator=generator)[:60]}[rows]
+    tokens, labels = data.tokens[index], data.labels[index]
+    if rows != "shuffled":
+        assert len(torch.unique(tokens[:, 0])) < data.n_symbols  # some tokens appear nowhere in the batch
+    plain = float64_model(name, data.n_symbols)
+    folded = copy.deepcopy(plain)
+    answer_loss(answer_logits(plain, tokens), labels).backward()
+    answer_loss(folded_answer_logits(dict(folded.named_parameters()), tokens, folded.cfg), labels).backward()
+    for (n, p), q in zip(plain.named_parameters(), folded.parameters()):
+        if p.requires_grad:
+            assert_close(q.grad, p.grad, rel=1e-11)
+
+
 @pytest.mark.parametrize("path", ["folded", "unfolded"])
 def test_float32_gradients_are_as_accurate_as_the_models_own(path):
     """Against the float64 gradient, each fast path's float32 gradient errs no more than the HookedTransformer
