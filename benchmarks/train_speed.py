@@ -1,6 +1,6 @@
 """Training speed, side by side in one process: the reference loop against grokinterp, one run and many at once.
 
-    python benchmarks/train_speed.py                 # everything, ~10 min on 2 cores
+    python benchmarks/train_speed.py                 # everything, ~15 min on 2 cores
     python benchmarks/train_speed.py --only single   # just the single-run comparison
     python benchmarks/train_speed.py --only phases --cpu-time   # early vs post-memorization, on a shared machine
 
@@ -16,7 +16,7 @@ What it measures on the ``nanda2023`` configuration (x+y mod 113, 30% data, full
 * stacked: ``grokinterp.sweep.train_many`` with K = 1, 4, 16 members, in models·steps/s, against one run after
   another with the ordinary trainer, both over the same steps of the same schedule; then the same on a small table
   (x+y mod 23), where one model's step is mostly fixed overhead.
-* phases: the same reference loop and trainer rows again, started from a post-memorization checkpoint (training
+* phases: the reference loop and the trainer (both paths) early, and again started from a post-memorization checkpoint (training
   loss below 1e-6, where d(loss)/d(logits) starts to hold float32 denormals): the benchmark trains nanda2023 with
   the trainer until its first checkpoint past that loss (step 1,200), then times each loop from that
   checkpoint's weights and optimizer state, and the trainer again with denormals kept (``grokinterp.denormals``
@@ -28,9 +28,11 @@ What it measures on the ``nanda2023`` configuration (x+y mod 113, 30% data, full
 * checkpoint: milliseconds to save one checkpoint (weights and optimizer state, checksummed and fsynced).
 * sharpness: seconds to analyse every checkpoint of a short run for sharpness.
 
-Each row also gives the peak resident memory of its phase. Ratios compare numbers taken minutes apart in one
-process, so they are fair to each other; the absolute numbers move with whatever else the machine runs (on a
-machine other jobs share, ``--cpu-time`` times one thread by this process's CPU time instead). The header names
+Each row also gives the peak resident memory of its phase. The single-run and phase rows are measured in
+``--rounds`` interleaved rounds (reference, trainer, ..., then again), and each ratio is the median of the rounds'
+ratios with their range: on a VM whose speed drifts by half between minutes, only rates taken seconds apart
+compare fairly. The absolute numbers move with whatever else the machine runs (on a machine other jobs share,
+``--cpu-time`` times one thread by this process's CPU time instead). The header names
 the CPU and the load: the cost of denormals differs a lot between CPU models (a large penalty on Intel cores).
 """
 
@@ -41,6 +43,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -91,6 +94,39 @@ class StepTimer:
         except Stop:
             pass
         return (self.last - self.first) / (self.marks[self.last] - self.marks[self.first])
+
+
+class Rates:
+    """Each measurement's value in every round, and its peak memory."""
+
+    def __init__(self, values: dict[str, list[float]], memory: dict[str, float]):
+        self.values, self.memory = values, memory
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.values[name])
+
+    def value(self, name: str) -> tuple[str]:
+        return (f"{self.median(name):.2f}",)
+
+    def ratio(self, name: str, base: str, label: str = "") -> tuple[str, str]:
+        """The row's median and the median (with range) of its per-round ratios to ``base``'s rate."""
+        ratios = [x / y for x, y in zip(self.values[name], self.values[base])]
+        spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+        return f"{self.median(name):.2f}", f"{statistics.median(ratios):.2f}x{spread}{' ' + label if label else ''}"
+
+
+def interleaved(measurements: dict, rounds: int, dev: torch.device) -> Rates:
+    """Run every measurement once per round, in turn, so a ratio compares rates taken seconds apart: on a machine
+    whose speed drifts (a VM's neighbours, a busy box), rates taken minutes apart can differ by half."""
+    values = {name: [] for name in measurements}
+    memory = {}
+    for r in range(rounds):
+        for name, measure in measurements.items():
+            reset_peak_memory(dev)
+            values[name].append(measure())
+            memory[name] = max(memory.get(name, 0.0), peak_memory_mb(dev))
+        print(f"# round {r + 1}/{rounds}: " + ", ".join(f"{n} {v[-1]:.2f}" for n, v in values.items()), flush=True)
+    return Rates(values, memory)
 
 
 def reset_peak_memory(dev: torch.device) -> None:
@@ -336,6 +372,10 @@ def main() -> None:
     parser.add_argument("--stack-steps", type=int, default=40, help="timed steps per stacked measurement")
     parser.add_argument("--ks", default="1,4,16", help="stack sizes to time")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="the single-run and phase rows are measured this many times, interleaved (reference, "
+                             "trainer, ..., reference, trainer, ...); each row gives the median and each ratio "
+                             "the median of the rounds' ratios, with their range")
     parser.add_argument("--only", choices=["single", "phases", "stacked", "sharpness"], default=None)
     parser.add_argument("--cpu-time", action="store_true",
                         help="one torch thread, steps timed by this process's CPU time: for a machine that other "
@@ -358,26 +398,23 @@ def main() -> None:
 
     def row(name: str, value: str, ratio: str = "", memory: float | None = None) -> None:
         rows.append((name, value, ratio, "" if memory is None else f"{memory:.0f}"))
-        print(f"{name:<48} {value:>9} {ratio:>11} {rows[-1][3]:>8}", flush=True)
+        print(f"{name:<48} {value:>9} {ratio:>22} {rows[-1][3]:>8}", flush=True)
 
-    print(f"{'measurement':<48} {'value':>9} {'ratio':>11} {'peak MB':>8}")
+    print(f"{'measurement':<48} {'value':>9} {'ratio (range)':>22} {'peak MB':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         steady = config.replace(log_checkpoints=0)  # a run's schedule after its first 1,000 steps
-        if args.only in (None, "single", "phases", "stacked"):
-            reset_peak_memory(dev)
-            ref = reference_loop(config, dev, args.steps, warmup=5)
-            row("reference loop (demo), steps/s", f"{ref:.2f}", "1.00x", peak_memory_mb(dev))
-        if args.only in (None, "single", "phases"):
-            reset_peak_memory(dev)
-            plain = trainer_speed(steady.replace(fast_path=False), dev, args.steps, 20, folder)
-            row("grokinterp train --no-fast-path, steps/s", f"{plain:.2f}", f"{plain / ref:.2f}x", peak_memory_mb(dev))
-            reset_peak_memory(dev)
-            fast = trainer_speed(steady, dev, args.steps, 20, folder)
-            row("grokinterp train (fast path), steps/s", f"{fast:.2f}", f"{fast / ref:.2f}x", peak_memory_mb(dev))
         if args.only in (None, "single"):
-            early = trainer_speed(config, dev, args.steps, 20, folder)
-            row("  the same, early schedule (16 saves), steps/s", f"{early:.2f}", f"{early / ref:.2f}x")
+            rates = interleaved({
+                "ref": lambda: reference_loop(config, dev, args.steps, warmup=5),
+                "plain": lambda: trainer_speed(steady.replace(fast_path=False), dev, args.steps, 20, folder),
+                "fast": lambda: trainer_speed(steady, dev, args.steps, 20, folder),
+                "early": lambda: trainer_speed(config, dev, args.steps, 20, folder),
+            }, args.rounds, dev)
+            row("reference loop (demo), steps/s", *rates.value("ref"), "1.00x", rates.memory["ref"])
+            row("grokinterp train --no-fast-path, steps/s", *rates.ratio("plain", "ref"), rates.memory["plain"])
+            row("grokinterp train (fast path), steps/s", *rates.ratio("fast", "ref"), rates.memory["fast"])
+            row("  the same, early schedule (16 saves), steps/s", *rates.ratio("early", "ref"))
             row("checkpoint save, ms", f"{save_ms(config, dev, folder):.1f}", "")
             for dtype in (torch.float32, torch.float64):
                 fast_gap, order_gap = parity(config, dev, 100, dtype)
@@ -389,24 +426,34 @@ def main() -> None:
             print(f"# post-memorization checkpoint: step {at}, training loss {loss:.1e}, "
                   f"{denormal_share(memorized):.1%} of d(loss)/d(logits) denormal; reached in {seconds:.0f} s "
                   f"({at / seconds:.1f} steps/s with evaluations and checkpoints)", flush=True)
+            plain = steady.replace(fast_path=False)
+            rates = interleaved({
+                "ref": lambda: reference_loop(config, dev, args.steps, 5),
+                "fast": lambda: trainer_speed(steady, dev, args.steps, 20, folder),
+                "plain": lambda: trainer_speed(plain, dev, args.steps, 20, folder),
+                "late ref": lambda: reference_loop(config, dev, args.steps, 5, checkpoint=memorized),
+                "late fast": lambda: trainer_from(memorized, steady, dev, args.steps, 20, folder),
+                "late fast kept": lambda: trainer_from(memorized, steady, dev, args.steps, 20, folder, flush=False),
+                "late plain": lambda: trainer_from(memorized, plain, dev, args.steps, 20, folder),
+                "late plain kept": lambda: trainer_from(memorized, plain, dev, args.steps, 20, folder, flush=False),
+            }, args.rounds, dev)
             late = f"from step {at} (loss {loss:.0e})"
-            late_ref = reference_loop(config, dev, args.steps, 5, checkpoint=memorized)
-            row(f"reference loop {late}, steps/s", f"{late_ref:.2f}", f"{late_ref / ref:.2f}x early")
-            late_plain = trainer_from(memorized, steady.replace(fast_path=False), dev, args.steps, 20, folder)
-            row(f"train --no-fast-path {late}, steps/s", f"{late_plain:.2f}", f"{late_plain / late_ref:.2f}x late")
-            kept_plain = trainer_from(memorized, steady.replace(fast_path=False), dev, args.steps, 20, folder,
-                                      flush=False)
-            row("  the same with denormals kept, steps/s", f"{kept_plain:.2f}", f"{kept_plain / late_ref:.2f}x late")
-            late_fast = trainer_from(memorized, steady, dev, args.steps, 20, folder)
-            row(f"train (fast path) {late}, steps/s", f"{late_fast:.2f}", f"{late_fast / late_ref:.2f}x late")
-            kept_fast = trainer_from(memorized, steady, dev, args.steps, 20, folder, flush=False)
-            row("  the same with denormals kept, steps/s", f"{kept_fast:.2f}", f"{kept_fast / late_ref:.2f}x late")
+            row("reference loop, early (steps 6-105), steps/s", *rates.value("ref"), "1.00x")
+            row("train (fast path), early, steps/s", *rates.ratio("fast", "ref"))
+            row("train --no-fast-path, early, steps/s", *rates.ratio("plain", "ref"))
+            row(f"reference loop {late}, steps/s", *rates.ratio("late ref", "ref", "early"))
+            row(f"train (fast path) {late}, steps/s", *rates.ratio("late fast", "late ref", "late"))
+            row("  late ÷ early rate, fast path", *rates.ratio("late fast", "fast", ""))
+            row("  the same with denormals kept, steps/s", *rates.ratio("late fast kept", "late ref", "late"))
+            row(f"train --no-fast-path {late}, steps/s", *rates.ratio("late plain", "late ref", "late"))
+            row("  late ÷ early rate, --no-fast-path", *rates.ratio("late plain", "plain", ""))
+            row("  the same with denormals kept, steps/s", *rates.ratio("late plain kept", "late ref", "late"))
             budget = steady.train.steps
             if args.whole_run:
                 whole = whole_run(steady, dev, folder)
                 row(f"nanda2023, all {budget:,} steps (trained), min", f"{whole / 60:.1f}", "")
             else:
-                whole = seconds + (budget - at) / late_fast
+                whole = seconds + (budget - at) / rates.median("late fast")
                 row(f"nanda2023, {budget:,} steps (projected), min", f"{whole / 60:.1f}",
                     f"{budget / whole:.1f} steps/s")
         if args.only in (None, "stacked"):
