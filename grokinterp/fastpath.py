@@ -215,60 +215,66 @@ class _MixedReadout(torch.autograd.Function):
     """``z @ R`` for each readout ``R`` [n_heads, d_head, F], where ``z[n, h] = Σ_j pattern[n, h, j] v_j[t_j[n], h]``
     (tokens t = (a, b, =), values as ``_layer0`` gives them), without forming ``z`` or multiplying by ``R`` per row.
 
-    Forward: the tables ``T = v R`` over the vocabulary (one bmm per readout), then an ``embedding_bag`` sums each
-    example's 2·n_heads rows for its a and b with the pattern as weights, and one [batch, n_heads] × [n_heads, F]
-    matmul adds the rows of ``=``, which every example shares. Backward, by hand, through the tables rather than
-    through ``z`` (``dR = zᵀ dOut`` and ``dz = dOut Rᵀ`` were each a [batch, d_mlp] × [d_mlp, n_heads·d_head]
-    matmul; this is a sixth of their arithmetic):
+    The pattern sums to 1 over the three positions, so ``z = Σ_(j=a,b) pattern_j (v_j[t_j] - v_=) + v_=``: the value
+    of ``=`` folds into the tables of a and b and a constant. Forward: the tables ``T = (v - v_=) R`` over the
+    vocabulary (one bmm per readout), then an ``embedding_bag`` sums each example's 2·n_heads table rows with the
+    pattern as weights, plus ``v_= R``. Backward, by hand, through the tables rather than through ``z``
+    (``dR = zᵀ dOut`` and ``dz = dOut Rᵀ`` were each a [batch, d_mlp] × [d_mlp, n_heads·d_head] matmul; this is a
+    sixth of their arithmetic):
 
     * ``dT[r] = Σ_(n, j): row r is n's token at j  pattern[n, h, j] · dOut[n]``: an ``embedding_bag`` over dOut's
       rows with one bag per table row (torch's own backward of ``embedding_bag`` with per-sample weights is a slow
-      per-element loop), and for ``=`` a matmul;
+      per-element loop);
     * ``dpattern[n, h, j] = dOut[n] · T[row of n's token at j]``: the entries of ``dOut Tᵀ`` at each example's rows,
-      by a sampled matmul (``torch.sparse.sampled_addmm``), and for ``=`` a matmul;
-    * ``dv = dT Rᵀ`` and ``dR = vᵀ dT``: per-head matmuls over the vocabulary, whatever the batch."""
+      by a sampled matmul (``torch.sparse.sampled_addmm``); 0 for ``=``, whose share the softmax's backward
+      accounts for through the other two (its Jacobian ignores a shift common to all three);
+    * ``dv = dT Rᵀ`` and ``dR = vᵀ dT``: per-head matmuls over the vocabulary, whatever the batch; ``=`` gets the
+      constant's gradient minus the sum of its shares of the tables'."""
 
     @staticmethod
     def forward(ctx, pattern, v_ab, v_eq, a, b, *readouts):
         batch, n_heads, _ = pattern.shape
         d_vocab = v_ab.shape[1]
         # The tables, head-major: row j·d_vocab + t of head h holds head h's value of token t at position j (j = 0, 1)
-        # times R, and row 2·d_vocab that of "=" at position 2.
-        values = torch.cat([v_ab.flatten(0, 1), v_eq.unsqueeze(0)]).transpose(0, 1)  # [n_heads, 2·d_vocab + 1, e]
-        tables = [torch.bmm(values, readout) for readout in readouts]  # [n_heads, 2·d_vocab + 1, F]
-        # Each example's rows for a and b in the flattened tables, head-major, so every row of ``index`` increases.
-        first = torch.arange(n_heads, device=pattern.device)[:, None] * (2 * d_vocab + 1)  # [n_heads, 1]
+        # less that of "=", times R.
+        values = (v_ab - v_eq).flatten(0, 1).transpose(0, 1)  # [n_heads, 2·d_vocab, e]
+        tables = [torch.bmm(values, readout) for readout in readouts]  # [n_heads, 2·d_vocab, F]
+        # Each example's rows in the flattened tables, head-major, so every row of ``index`` increases.
+        first = torch.arange(n_heads, device=pattern.device)[:, None] * (2 * d_vocab)  # [n_heads, 1]
         index = torch.stack([a, b + d_vocab], dim=-1)[:, None, :].add(first).flatten(1)  # [batch, 2·n_heads]
         weights = pattern[..., :2].reshape(batch, 2 * n_heads)
         outs = tuple(F.embedding_bag(index, table.flatten(0, 1), per_sample_weights=weights, mode="sum")
-                     .addmm_(pattern[..., 2], table[:, 2 * d_vocab]) for table in tables)
-        ctx.save_for_backward(pattern, values, a, b, index, *readouts, *tables)
+                     .add_(v_eq.flatten() @ readout.flatten(0, 1)) for readout, table in zip(readouts, tables))
+        ctx.save_for_backward(pattern, values, v_eq, a, b, index, *readouts, *tables)
         return outs
 
     @staticmethod
     def backward(ctx, *grads):
-        pattern, values, a, b, index, *saved = ctx.saved_tensors
+        pattern, values, v_eq, a, b, index, *saved = ctx.saved_tensors
         readouts, tables = saved[: len(saved) // 2], saved[len(saved) // 2 :]
-        n_rows = values.shape[1]
-        d_vocab = (n_rows - 1) // 2
-        d_pattern = d_values = bags = None
+        d_vocab = values.shape[1] // 2
+        d_weights = d_values = d_v_eq = bags = None
         d_readouts: list[Tensor | None] = [None] * len(readouts)
         for i, (readout, table, grad) in enumerate(zip(readouts, tables, grads)):
             if grad is None:
                 continue
             grad = grad.contiguous()
             bags = bags or _TableBags(pattern, a, b, index, d_vocab)
-            d_table = bags.sum(grad)  # [n_heads, 2·d_vocab + 1, F]
-            d_p = bags.sampled(grad, table)  # [batch, n_heads, 3]
+            d_table = bags.sum(grad)  # [n_heads, 2·d_vocab, F]
+            d_w = bags.sampled(grad, table)  # [batch, n_heads, 2]
             d_v = torch.bmm(d_table, readout.transpose(1, 2))
-            d_pattern = d_p if d_pattern is None else d_pattern.add_(d_p)
+            grad_sum = grad.sum(0)  # the constant's gradient
+            d_eq = readout @ grad_sum  # [n_heads, e]
+            d_weights = d_w if d_weights is None else d_weights.add_(d_w)
             d_values = d_v if d_values is None else d_values.add_(d_v)
+            d_v_eq = d_eq if d_v_eq is None else d_v_eq.add_(d_eq)
             if ctx.needs_input_grad[5 + i]:
-                d_readouts[i] = torch.bmm(values.transpose(1, 2), d_table)
+                d_readouts[i] = torch.bmm(values.transpose(1, 2), d_table).add_(v_eq[:, :, None] * grad_sum)
         if d_values is None:
             return (None,) * (5 + len(readouts))
-        d_v_ab = d_values[:, : 2 * d_vocab].unflatten(1, (2, d_vocab)).permute(1, 2, 0, 3)  # [2, d_vocab, n_heads, e]
-        return (d_pattern, d_v_ab, d_values[:, 2 * d_vocab], None, None, *d_readouts)
+        d_pattern = torch.cat([d_weights, d_weights.new_zeros(d_weights.shape[:2] + (1,))], dim=-1)
+        d_v_ab = d_values.unflatten(1, (2, d_vocab)).permute(1, 2, 0, 3)  # [2, d_vocab, n_heads, e]
+        return (d_pattern, d_v_ab, d_v_eq.sub_(d_values.sum(1)), None, None, *d_readouts)
 
 
 class _TableBags:
@@ -279,26 +285,23 @@ class _TableBags:
     def __init__(self, pattern: Float[Tensor, "batch n_heads 3"], a: Int[Tensor, " batch"], b: Int[Tensor, " batch"],
                  index: Int[Tensor, "batch k"], d_vocab: int):
         n_heads = pattern.shape[1]
-        # Bag r of head h (r < 2·d_vocab) holds the examples whose token at position r // d_vocab is r % d_vocab, in
-        # batch order (a stable sort), so each sums its rows in a fixed order: deterministic.
+        # Bag r of head h holds the examples whose token at position r // d_vocab is r % d_vocab, in batch order (a
+        # stable sort), so each sums its rows in a fixed order: deterministic.
         by_a, by_b = torch.argsort(a, stable=True), torch.argsort(b, stable=True)
         self.rows = torch.cat([by_a, by_b]).repeat(n_heads)
         self.weights = torch.cat([pattern[by_a, :, 0].T, pattern[by_b, :, 1].T], dim=1).flatten()
-        sizes = torch.cat([torch.bincount(a, minlength=d_vocab), torch.bincount(b, minlength=d_vocab),
-                           a.new_zeros(1)]).repeat(n_heads)  # the bag of "=" is empty: a matmul does it
+        sizes = torch.cat([torch.bincount(a, minlength=d_vocab), torch.bincount(b, minlength=d_vocab)]).repeat(n_heads)
         self.offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
-        self.pattern, self.index, self.n_heads, self.d_vocab = pattern, index, n_heads, d_vocab
+        self.index, self.n_heads = index, n_heads
 
     def sum(self, grad: Float[Tensor, "batch F"]) -> Float[Tensor, "n_heads n_rows F"]:
         """Row r of head h: the sum of pattern[n, h, j] · grad[n] over the examples n whose token at position j
         is that row's token."""
         d_table = F.embedding_bag(self.rows, grad, self.offsets, mode="sum", per_sample_weights=self.weights)
-        d_table = d_table.view(self.n_heads, 2 * self.d_vocab + 1, -1)
-        d_table[:, 2 * self.d_vocab] = self.pattern[..., 2].T @ grad
-        return d_table
+        return d_table.view(self.n_heads, -1, grad.shape[1])
 
     def sampled(self, grad: Float[Tensor, "batch F"], table: Float[Tensor, "n_heads n_rows F"]
-                ) -> Float[Tensor, "batch n_heads 3"]:
+                ) -> Float[Tensor, "batch n_heads 2"]:
         """Entry (n, h, j): grad[n] · table[h, row of n's token at j]."""
         batch, k = self.index.shape
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
@@ -306,8 +309,7 @@ class _TableBags:
             rows = torch.sparse_csr_tensor(
                 torch.arange(0, batch * k + 1, k, device=grad.device), self.index.flatten(), grad.new_zeros(batch * k),
                 size=(batch, table.shape[0] * table.shape[1]), check_invariants=False)
-            ab = torch.sparse.sampled_addmm(rows, grad, table.flatten(0, 1).T, beta=0.0).values()
-        return torch.cat([ab.view(batch, self.n_heads, 2), (grad @ table[:, 2 * self.d_vocab].T).unsqueeze(-1)], -1)
+            return torch.sparse.sampled_addmm(rows, grad, table.flatten(0, 1).T, beta=0.0).values().view(batch, -1, 2)
 
 
 def fast_answer_logits(model: HookedTransformer, tokens: Int[Tensor, "batch 3"]) -> Float[Tensor, "batch d_vocab_out"]:
