@@ -14,7 +14,10 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import os
+import types
+import typing
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,15 +120,102 @@ def _parameter_names(fn) -> list[str]:
 def effective_params(metric: Metric, prepared: dict[str, Any] | None = None,
                      overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The parameters ``metric.fn`` is called with: its own defaults, then what ``prepare`` computed for the run,
-    then ``overrides``. Defaults are spelled out so that changing one in the code changes the cache key."""
+    then ``overrides``, each checked against the parameter's type and range (``check_param``). Defaults are spelled
+    out so that changing one in the code changes the cache key."""
     names = _parameter_names(metric.fn)
     unknown = [k for k in overrides or {} if k not in names]
     if unknown:
         raise AnalysisError(f"metric {metric.name!r} has no parameter {unknown[0]!r}; its parameters: "
                             f"{', '.join(names) or 'none'}")
+    for name, value in (overrides or {}).items():
+        check_param(metric, name, value)
     defaults = {name: p.default for name, p in inspect.signature(metric.fn).parameters.items()
                 if name in names and p.default is not inspect.Parameter.empty}
     return {**defaults, **(prepared or {}), **(overrides or {})}
+
+
+# What a numeric parameter (or each item of a list) must satisfy: "positive" unless the metric names another rule.
+_RULES = {
+    "positive": (lambda v: v > 0, "> 0"),
+    "nonnegative": (lambda v: v >= 0, ">= 0"),
+    "fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+}
+
+
+def param_type(metric: Metric, name: str) -> tuple[type, bool]:
+    """(the type of parameter ``name`` of ``metric.fn``, whether None is allowed): int, float or list (of ints),
+    from the annotation, else from the default's type."""
+    parameter = inspect.signature(metric.fn).parameters[name]
+    try:
+        hint = typing.get_type_hints(metric.fn).get(name)
+    except (NameError, TypeError):  # an annotation that does not resolve: fall back on the default's type
+        hint = None
+    if hint is None:
+        default = parameter.default
+        return (float if default is inspect.Parameter.empty or default is None else type(default)), default is None
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    base = next(a for a in args if a is not type(None))
+    return (list if typing.get_origin(base) is list else base), type(None) in args
+
+
+def _type_words(kind: type, optional: bool) -> str:
+    words = {int: "an integer", float: "a number", list: "a comma list of integers"}.get(kind, kind.__name__)
+    return words + (" or none" if optional else "")
+
+
+def check_param(metric: Metric, name: str, value: Any) -> None:
+    """Refuse, in one line, a value of the wrong type or out of the parameter's range (``metric.param_rules``)."""
+    kind, optional = param_type(metric, name)
+    rule, bound = _RULES[metric.param_rules.get(name, "positive")]
+    if value is None and optional:
+        return
+    items = value if kind is list and isinstance(value, list) else [value]
+    ok_type = (isinstance(value, list) and bool(value)) if kind is list else True
+    for item in items:
+        numeric = isinstance(item, (int, float)) and not isinstance(item, bool)
+        if kind in (int, list) and not (numeric and float(item).is_integer()):
+            ok_type = False
+        elif kind is float and not (numeric and math.isfinite(item)):
+            ok_type = False
+        elif numeric and not rule(item):
+            raise AnalysisError(f"metric {metric.name!r}: {name} must be {bound}, got {value!r}")
+    if not ok_type:
+        raise AnalysisError(f"metric {metric.name!r}: {name} takes {_type_words(kind, optional)}, got {value!r}")
+
+
+def parse_param(metric: Metric, name: str, text: str) -> Any:
+    """The value of ``--param name=text`` for ``metric``, typed as its function declares ('none', or 'all', for
+    None where allowed: all rows, no chunking, each checkpoint's own key frequencies; comma lists for lists),
+    checked; a bad one is refused in one line that shows the form."""
+    kind, optional = param_type(metric, name)
+    text = text.strip()
+    try:
+        if optional and text.lower() in ("all", "none"):
+            value = None
+        elif kind is list:
+            value = [int(item) for item in text.split(",")]
+        elif kind is int:
+            value = int(text)
+        else:
+            value = float(text)
+    except ValueError:
+        example = {int: "64", float: "0.01", list: "1,14,35"}.get(kind, "1")
+        raise AnalysisError(f"--param {name}={text}: {metric.name}'s {name} takes {_type_words(kind, optional)}, "
+                            f"e.g. --param {name}={example}") from None
+    check_param(metric, name, value)
+    return value
+
+
+def metric_parameters(metric: Metric) -> list[str]:
+    """``name=TYPE`` for every parameter of the metric (none for metrics read off the log)."""
+    if metric.fn is None:
+        return []
+    forms = {int: "INT", float: "FLOAT", list: "INTS"}
+    out = []
+    for name in _parameter_names(metric.fn):
+        kind, optional = param_type(metric, name)
+        out.append(f"{name}={forms.get(kind, 'VALUE')}{'|none' if optional else ''}")
+    return out
 
 
 def _accepted(fn, params: dict[str, Any]) -> dict[str, Any]:
@@ -249,7 +339,11 @@ def analyze(
         raise AnalysisError(f"run {run.name} has no checkpoints yet")
     chosen = select_steps(available, steps)
     overrides = params or {}
-    effective_params(metric, overrides=overrides)  # refuse an unknown parameter before any work
+    effective_params(metric, overrides=overrides)  # refuse an unknown parameter or a bad value before any work
+    n_freqs = run.config.task.p // 2
+    if any(not 1 <= k <= n_freqs for k in overrides.get("key_freqs") or []):
+        raise AnalysisError(f"metric {metric.name!r}: key_freqs must lie in 1..{n_freqs} (p = {run.config.task.p}), "
+                            f"got {overrides['key_freqs']}")
     data = run.data.to(device)
 
     def checkpoint(step: int) -> Checkpoint:

@@ -60,6 +60,39 @@ def _seed(text: str) -> int:
     return seed
 
 
+def _metric_catalogue() -> str:
+    """The epilog of ``analyze --help``: every registered metric, its description and its parameters."""
+    import textwrap
+
+    from grokinterp.analyze import metric_parameters
+    from grokinterp.metrics import METRICS
+
+    lines = ["metrics (--metric NAME, or all for every metric of the run's task):"]
+    width = max(len(name) for name in METRICS) + 4
+    for name, metric in METRICS.items():
+        text = metric.description + ("" if metric.families == ("mod", "perm") else
+                                     f" [{'/'.join(metric.families)} tasks]")
+        params = metric_parameters(metric)
+        if params:
+            text += "; --param " + ", ".join(params)
+        lines += textwrap.wrap(text, 110, initial_indent=f"  {name:<{width - 2}}", subsequent_indent=" " * width)
+    lines.append("A parameter that may be none (or all) takes the metric's own choice: every training row for "
+                 "max_rows, no chunking for vmap_chunk, each checkpoint's own key frequencies for key_freqs.")
+    return "\n".join(lines[:-1] + textwrap.wrap(lines[-1], 110)) + "\n"
+
+
+def _param_items(items: list[str]) -> list[tuple[str, str]]:
+    """``--param`` values as (name, text); one line for a malformed one."""
+    out = []
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip() or not text.strip():
+            raise UsageError(f"--param {item!r}: write NAME=VALUE, e.g. --param max_rows=all "
+                             "(grokinterp analyze --help lists each metric's parameters)")
+        out.append((name.strip().replace("-", "_"), text))
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="grokinterp", description="Train small transformers that grok and replay the transition.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -82,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     analyze = sub.add_parser("analyze", help="run a metric over every checkpoint of a run",
                              description="Compute a metric at each checkpoint; write analyses/<run>/<metric>.csv "
-                                         "and .html (cached per checkpoint).")
+                                         "and .html (cached per checkpoint).",
+                             epilog=_metric_catalogue(), formatter_class=argparse.RawDescriptionHelpFormatter)
     analyze.add_argument("run", help="run directory (or name under checkpoints/)")
     analyze.add_argument("--metric", required=True,
                          help="a metric name, or 'all' for every metric of the task (an unknown name lists them)")
@@ -91,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--out", default="analyses", help="folder for analysis outputs (default %(default)s)")
     analyze.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
     analyze.add_argument("--seed", type=_seed, default=0, help="seed of sampling metrics (sharpness probes)")
+    analyze.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                         help="set a metric's parameter (repeatable; listed below), e.g. --param max_rows=all "
+                              "--param hutchinson_samples=64; part of each cached row's key")
     analyze.add_argument("--skip-corrupt", action="store_true",
                          help="skip unreadable checkpoints with a warning instead of stopping")
     analyze.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -546,10 +583,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     run = load_run(args.run)
     names = metrics_for(run) if args.metric == "all" else [get_metric(args.metric, run).name]
+    params = _metric_params(names, _param_items(args.param))
     device = str(resolve_device(args.device))
     for name in names:
         result = analyze(run, name, steps=args.steps, out_root=args.out, device=device, seed=args.seed,
-                         skip_corrupt=args.skip_corrupt, progress=not args.no_progress)
+                         params=params[name], skip_corrupt=args.skip_corrupt, progress=not args.no_progress)
         if name == "phases":
             row = result.table.iloc[0].to_dict()
             print("phases: " + ", ".join(f"{k} {'-' if pd.isna(v) else int(v)}" for k, v in row.items())
@@ -561,6 +599,25 @@ def cmd_analyze(args: argparse.Namespace) -> int:
               + f" -> {result.csv_path}, {result.html_path}")
     print(f"Next:  grokinterp report {run.path}")
     return 0
+
+
+def _metric_params(names: list[str], items: list[tuple[str, str]]) -> dict[str, dict]:
+    """Each metric's typed ``--param`` values. With several metrics (``all``), a parameter goes to the metrics that
+    take it, and one that none takes is refused; with one metric, any it does not take is."""
+    from grokinterp.analyze import metric_parameters, parse_param
+    from grokinterp.metrics import METRICS
+
+    takes = {name: [form.split("=")[0] for form in metric_parameters(METRICS[name])] for name in names}
+    params: dict[str, dict] = {name: {} for name in names}
+    for key, text in items:
+        users = [name for name in names if key in takes[name]]
+        if not users:
+            offered = sorted({p for name in names for p in takes[name]})
+            raise UsageError(f"--param {key}: no metric here takes it ({', '.join(names)}); their parameters: "
+                             f"{', '.join(offered) or 'none'}")
+        for name in users:
+            params[name][key] = parse_param(METRICS[name], key, text)
+    return params
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -292,3 +292,68 @@ def test_every_metric_names_its_version_and_json_parameters():
         if metric.fn is not None:
             json.dumps(effective_params(metric))  # every default can go into the cache key
     assert effective_params(METRICS["sharpness"])["max_rows"] == 1024  # defaults are part of it
+
+
+def test_analyze_help_lists_every_metric_with_its_description_and_parameters(capsys):
+    assert main(["analyze", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps; compare with whitespace folded
+    for name, metric in METRICS.items():
+        assert f" {name} {' '.join(metric.description.split())[:40]}" in text, name
+    assert "max_rows=INT|none" in text and "hutchinson_samples=INT" in text and "key_freqs=INTS|none" in text
+    assert "threshold=FLOAT" in text and "[perm tasks]" in text
+
+
+def test_params_from_the_command_line_are_typed_and_key_the_cached_rows(tiny_run, tmp_path, capsys):
+    def circles(*params):
+        args = ["analyze", str(tiny_run.path), "--metric", "circles", "--out", str(tmp_path), "--no-progress"]
+        assert main(args + [x for p in params for x in ("--param", p)]) == 0
+        out = capsys.readouterr().out
+        table = pd.read_csv(analysis_dir(tiny_run, tmp_path) / "circles.csv")
+        return sorted(c for c in table.columns if c.startswith("circle_k")), out
+
+    n = len(tiny_run.steps)
+    assert circles("key_freqs=1,2")[0] == ["circle_k1", "circle_k2"]
+    columns, out = circles("key-freqs=1, 3")  # dashes for underscores, spaces allowed
+    assert columns == ["circle_k1", "circle_k3"] and f"circles: {n} checkpoint(s) computed" in out
+    assert f"circles: 0 checkpoint(s) computed, {n} from cache" in circles("key_freqs=1,3")[1]
+    # with --metric all a parameter goes to every metric that takes it (fourier and circles take key_freqs)
+    args = ["analyze", str(tiny_run.path), "--metric", "all", "--out", str(tmp_path), "--no-progress"]
+    assert main(args + ["--param", "key_freqs=2"]) == 0
+    assert [c for c in pd.read_csv(analysis_dir(tiny_run, tmp_path) / "circles.csv").columns
+            if c.startswith("circle_k")] == ["circle_k2"]
+
+
+@pytest.mark.parametrize("metric, param, message", [
+    ("circles", "key_freqs=1,x", "--param key_freqs=1,x: circles's key_freqs takes a comma list of integers or none, "
+                                 "e.g. --param key_freqs=1,14,35"),
+    ("circles", "key_freqs=9", "metric 'circles': key_freqs must lie in 1..5 (p = 11), got [9]"),
+    ("circles", "key_freqs=0", "metric 'circles': key_freqs must be > 0, got [0]"),
+    ("fourier", "sigma=1", "--param sigma: no metric here takes it (fourier); their parameters: key_freqs"),
+    ("all", "n_draws=3", "--param n_draws: no metric here takes it (phases, weight-norm, fourier, circles, sharpness)"),
+    ("sharpness", "max_rows", "--param 'max_rows': write NAME=VALUE"),
+    ("sharpness", "sigma=-0.1", "metric 'sharpness': sigma must be > 0, got -0.1"),
+    ("sharpness", "sigma=nan", "metric 'sharpness': sigma takes a number, got nan"),
+    ("sharpness", "hutchinson_samples=2.5", "sharpness's hutchinson_samples takes an integer, e.g. --param "),
+    ("sharpness", "acc_target=1.5", "metric 'sharpness': acc_target must be in (0, 1], got 1.5"),
+    ("sharpness", "max_rows=-3", "metric 'sharpness': max_rows must be > 0, got -3"),
+])
+def test_a_bad_param_is_one_line_and_writes_nothing(tiny_run, tmp_path, capsys, metric, param, message):
+    args = ["analyze", str(tiny_run.path), "--metric", metric, "--out", str(tmp_path), "--param", param]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_python_api_checks_params_too(tiny_run, tmp_path):
+    from grokinterp.analyze import parse_param
+
+    with pytest.raises(AnalysisError, match="hessian_iters must be > 0, got 0"):
+        analyze(tiny_run, "sharpness", out_root=tmp_path, progress=False, params={"hessian_iters": 0})
+    with pytest.raises(AnalysisError, match="eps_steps takes an integer, got 1.5"):
+        analyze(tiny_run, "sharpness", out_root=tmp_path, progress=False, params={"eps_steps": 1.5})
+    assert not any(tmp_path.iterdir())
+    sharpness = METRICS["sharpness"]
+    assert parse_param(sharpness, "max_rows", "all") is None and parse_param(sharpness, "max_rows", "64") == 64
+    assert parse_param(sharpness, "magnitude_eps", "0") == 0.0  # allowed: a non-negative parameter
+    assert parse_param(sharpness, "sigma", "1e-3") == 1e-3

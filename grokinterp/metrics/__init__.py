@@ -30,6 +30,8 @@ class Metric:
     prepare: Callable[[Checkpoint], dict[str, Any]] | None = None
     points: Callable[..., list[dict]] | None = None
     """Per-token 2D points (panel, token, x, y, colour) for figures, computed at a few snapshot steps."""
+    param_rules: dict[str, str] = field(default_factory=dict, kw_only=True)
+    """The range of a numeric parameter where it is not "positive" (> 0): "nonnegative" or "fraction" (0, 1]."""
     version: int = field(kw_only=True)
     """Bumped whenever the numbers change for the same weights and parameters, so cached rows of older maths are
     recomputed."""
@@ -61,7 +63,10 @@ register(Metric("cosets", coset_metrics, "how strongly W_E/W_U rows cluster by l
                 "stabilizers, A_n and (S5) a dihedral subgroup, against random labels of the same sizes",
                 families=("perm",), points=coset_points, version=1))
 register(Metric("irreps", irrep_metrics, "fraction of W_E/W_U variance in each irreducible representation, key "
-                "irreps, and the logits' similarity to tr ρ(x)ρ(y)ρ(z⁻¹)", families=("perm",), version=1))
+                "irreps, and the logits' similarity to tr ρ(x)ρ(y)ρ(z⁻¹)", families=("perm",), param_rules={"threshold": "fraction"},
+                version=1))
 register(Metric("sharpness", sharpness_metrics, "training-loss sharpness under weight perturbation: expected loss "
                 "increase at fixed σ, σ* by bisection (plain and magnitude-aware), ε-sharpness (maximized), Hessian "
-                "top eigenvalue (power iteration) and trace (Hutchinson)", version=1))
+                "top eigenvalue (power iteration) and trace (Hutchinson)",
+                param_rules={"magnitude_eps": "nonnegative", "eps_steps": "nonnegative", "acc_target": "fraction"},
+                version=1))
