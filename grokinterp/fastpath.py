@@ -20,8 +20,8 @@ rounding) and read the model's own parameters, so ``loss.backward()`` fills ``mo
 optimizer works unchanged. Hooks attached to the model do not run. Rows must end in ``=`` (every row of every task
 does): ``fast_answer_logits`` checks that, the others assume it.
 
-On Nanda et al.'s model (p = 113, 3830 training rows, 2 CPU cores) a full-batch AdamW step takes about 26 ms
-instead of about 130 ms for the model's own forward; what is left is mostly the matmuls the answer needs anyway
+On Nanda et al.'s model (p = 113, 3830 training rows, 2 CPU cores) a full-batch AdamW step takes about 22-30 ms
+instead of about 130-170 ms for the model's own forward; a third of it is the matmuls the answer needs anyway
 (see the README's benchmark).
 """
 
@@ -182,9 +182,9 @@ def folded_answer_logits(
     everything after the activation: the answer's residual stream is ``resid0 + z W_O`` with
     ``z = Σ_j pattern_j · v_j[token_j]``, so the MLP input is ``Σ_j pattern_j · (v_j W_O W_in)[token_j] + const``
     and the direct path to the logits likewise with ``W_O W_U``, while the MLP's output reaches the logits through
-    ``W_out W_U`` alone. Per step that is tables over the vocabulary, a weighted sum of 3·n_heads table rows per
-    example (``_MixedReadout``), the activation, and one [batch, d_mlp] × [d_mlp, d_vocab_out] matmul: a third
-    fewer matmul FLOPs than ``answer_logits_from_params`` (forward and backward, Nanda et al.'s model), and no
+    ``W_out W_U`` alone. Per step that is tables over the vocabulary, a weighted sum of 2·n_heads table rows per
+    example (``_MixedReadout``), the activation, and one [batch, d_mlp] × [d_mlp, d_vocab_out] matmul: half the
+    matmul FLOPs of ``answer_logits_from_params`` (forward and backward, Nanda et al.'s model), and no
     [batch, d_model] activations at all. Not for ``vmap`` (its backward is written by hand)."""
     if cfg.normalization_type is not None:
         raise ValueError(f"the folded path needs a model without normalization, not {cfg.normalization_type}")
