@@ -128,7 +128,8 @@ def circle_score(E: Float[torch.Tensor, "p d"], k: int, n_pcs: int = 10) -> tupl
     For each pair (i, j) of the top ``n_pcs`` principal components of the centred embedding, z_x = PC_i(x) +
     i·PC_j(x); the score is the fraction of Σ|z_x|² captured by the best circle a·e^{±i w_k x}, i.e.
     max(|Σ z_x e^{-i w_k x}|², |Σ z_x e^{i w_k x}|²) / (p Σ|z_x|²). It is 1 exactly when the points lie on a circle
-    traversed in that order, and about 2/p for points in random positions. Returns (score, i, j), PCs 0-based."""
+    traversed in that order; random Gaussian embeddings (width 128, 20 seeds) score 4.3-4.9/p on average, the best
+    of the 45 planes being kept. Returns (score, i, j), PCs 0-based."""
     return _best_circle_plane(principal_components(E, n_pcs), k)
 
 
