@@ -214,8 +214,10 @@ def test_a_signalled_job_requeues_and_its_member_ends_bit_for_bit(cluster, tmp_p
     out, err = (p.read_text() for p in slurm.job_logs(folder, job))
     assert f"seed0: interrupted at step {requeued_at.steps}" in err and f"Requeued job {job}" in out
 
-    # SLURM holds a requeued job for two minutes (BeginTime); let it start now
-    _slurm(cluster, "scontrol", "update", f"JobId={job}", "StartTime=now")
+    # SLURM holds a requeued job for two minutes (BeginTime); let it start in 2 s. Not at once: slurmd revoked the
+    # killed run's credential, and a credential for the same job id issued within the same second counts as revoked
+    # ("Killing non-startable batch JobId=...: Job credential revoked"), which failed this test now and then.
+    _slurm(cluster, "scontrol", "update", f"JobId={job}", "StartTime=now+2")
     _until(lambda: _last_step(member) >= requeued_at.steps + 300, 90, "the requeued job did not resume", cluster)
     assert _slurm(cluster, "scontrol", "show", "job", job).count("Restarts=1") == 1
     _slurm(cluster, "scancel", job)
