@@ -166,21 +166,21 @@ def _type_words(kind: type, optional: bool) -> str:
 def check_param(metric: Metric, name: str, value: Any) -> None:
     """Refuse, in one line, a value of the wrong type or out of the parameter's range (``metric.param_rules``)."""
     kind, optional = param_type(metric, name)
-    rule, bound = _RULES[metric.param_rules.get(name, "positive")]
     if value is None and optional:
         return
-    items = value if kind is list and isinstance(value, list) else [value]
-    ok_type = (isinstance(value, list) and bool(value)) if kind is list else True
-    for item in items:
-        numeric = isinstance(item, (int, float)) and not isinstance(item, bool)
-        if kind in (int, list) and not (numeric and float(item).is_integer()):
-            ok_type = False
-        elif kind is float and not (numeric and math.isfinite(item)):
-            ok_type = False
-        elif numeric and not rule(item):
-            raise AnalysisError(f"metric {metric.name!r}: {name} must be {bound}, got {value!r}")
-    if not ok_type:
+    if kind not in (int, float, list):  # no rule for other kinds of parameter
+        return
+    items = value if kind is list and isinstance(value, list) and value else [value]
+    numeric = all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in items)
+    if kind is float:
+        typed = numeric and all(math.isfinite(item) for item in items)
+    else:  # int, or a list of ints: whole numbers
+        typed = numeric and all(float(item).is_integer() for item in items)
+    if not typed or (kind is list) != isinstance(value, list):
         raise AnalysisError(f"metric {metric.name!r}: {name} takes {_type_words(kind, optional)}, got {value!r}")
+    rule, bound = _RULES[metric.param_rules.get(name, "positive")]
+    if not all(rule(item) for item in items):
+        raise AnalysisError(f"metric {metric.name!r}: {name} must be {bound}, got {value!r}")
 
 
 def parse_param(metric: Metric, name: str, text: str) -> Any:
@@ -206,13 +206,16 @@ def parse_param(metric: Metric, name: str, text: str) -> Any:
     return value
 
 
+def metric_parameter_names(metric: Metric) -> list[str]:
+    """The parameters ``--param`` may set (none for metrics read off the log)."""
+    return [] if metric.fn is None else _parameter_names(metric.fn)
+
+
 def metric_parameters(metric: Metric) -> list[str]:
-    """``name=TYPE`` for every parameter of the metric (none for metrics read off the log)."""
-    if metric.fn is None:
-        return []
+    """``name=TYPE`` for every parameter of the metric, for ``analyze --help``."""
     forms = {int: "INT", float: "FLOAT", list: "INTS"}
     out = []
-    for name in _parameter_names(metric.fn):
+    for name in metric_parameter_names(metric):
         kind, optional = param_type(metric, name)
         out.append(f"{name}={forms.get(kind, 'VALUE')}{'|none' if optional else ''}")
     return out

@@ -76,9 +76,10 @@ def _metric_catalogue() -> str:
         if params:
             text += "; --param " + ", ".join(params)
         lines += textwrap.wrap(text, 110, initial_indent=f"  {name:<{width - 2}}", subsequent_indent=" " * width)
-    lines.append("A parameter that may be none (or all) takes the metric's own choice: every training row for "
-                 "max_rows, no chunking for vmap_chunk, each checkpoint's own key frequencies for key_freqs.")
-    return "\n".join(lines[:-1] + textwrap.wrap(lines[-1], 110)) + "\n"
+    lines += textwrap.wrap("A parameter that may be none (or all) takes the metric's own choice: every training row "
+                           "for max_rows, no chunking for vmap_chunk, each checkpoint's own key frequencies for "
+                           "key_freqs.", 110)
+    return "\n".join(lines) + "\n"
 
 
 def _param_items(items: list[str]) -> list[tuple[str, str]]:
@@ -604,10 +605,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def _metric_params(names: list[str], items: list[tuple[str, str]]) -> dict[str, dict]:
     """Each metric's typed ``--param`` values. With several metrics (``all``), a parameter goes to the metrics that
     take it, and one that none takes is refused; with one metric, any it does not take is."""
-    from grokinterp.analyze import metric_parameters, parse_param
+    from grokinterp.analyze import metric_parameter_names, parse_param
     from grokinterp.metrics import METRICS
 
-    takes = {name: [form.split("=")[0] for form in metric_parameters(METRICS[name])] for name in names}
+    takes = {name: metric_parameter_names(METRICS[name]) for name in names}
     params: dict[str, dict] = {name: {} for name in names}
     for key, text in items:
         users = [name for name in names if key in takes[name]]
