@@ -15,6 +15,21 @@ PHASE_COLOURS = {"memorization": "rgba(255,160,0,0.10)", "plateau": "rgba(200,0,
 PANEL_HEIGHT = 200
 
 
+ERROR_SUFFIXES = ("_se", "_err")
+"""A column ``X_se`` (standard error) or ``X_err`` (an error bound) is drawn as X's error bars, not as a panel."""
+CHANCE_SUFFIX = "_chance"
+"""A column ``PREFIX_chance`` is drawn as a dashed line (with ``PREFIX_chance_sd`` as a band) on the panel of every
+column that starts with ``PREFIX_``."""
+
+
+def _is_annotation(col: str, table: pd.DataFrame) -> bool:
+    """Error and chance columns that decorate another column's panel instead of getting their own."""
+    for suffix in ERROR_SUFFIXES:
+        if col.endswith(suffix) and col[: -len(suffix)] in table.columns:
+            return True
+    return CHANCE_SUFFIX in col
+
+
 def _series_groups(table: pd.DataFrame) -> tuple[list[str], dict[str, list[str]]]:
     """Scalar columns to draw as lines, and families of per-index columns (``embed_power_k1..``) as heatmaps."""
     families: dict[str, list[str]] = {}
@@ -22,6 +37,8 @@ def _series_groups(table: pd.DataFrame) -> tuple[list[str], dict[str, list[str]]
     for col in table.columns:
         if col == "step" or not pd.api.types.is_numeric_dtype(table[col]) or table[col].nunique() <= 1:
             continue  # constant columns (e.g. the number of rows used) say nothing over time
+        if _is_annotation(col, table):
+            continue
         match = re.fullmatch(r"(.+_k)(\d+)", col)
         if match and col.startswith("embed_power"):
             families.setdefault(match.group(1), []).append(col)
@@ -71,8 +88,12 @@ def metric_figure(title: str, table: pd.DataFrame, log: pd.DataFrame, phases: Ph
     add_training_curves(fig, log, row=1)
     data = _positive_steps(table)
     for i, col in enumerate(lines, start=2):
+        error = next((data[col + s] for s in ERROR_SUFFIXES if col + s in data.columns), None)
         fig.add_trace(go.Scatter(x=data["step"], y=data[col], name=col, mode="lines+markers",
-                                 marker={"size": 3}, showlegend=False), row=i, col=1)
+                                 marker={"size": 3}, showlegend=False,
+                                 error_y=None if error is None else {"type": "data", "array": error, "thickness": 1}),
+                      row=i, col=1)
+        _add_chance(fig, data, col, row=i)
     for i, (family, cols) in enumerate(families.items(), start=2 + len(lines)):
         ks = [int(c[len(family):]) for c in cols]
         fig.add_trace(go.Heatmap(x=data["step"], y=ks, z=data[cols].to_numpy().T, colorscale="Viridis",
@@ -85,6 +106,21 @@ def metric_figure(title: str, table: pd.DataFrame, log: pd.DataFrame, phases: Ph
     fig.update_layout(title=title, height=PANEL_HEIGHT * n_rows + 120, template="plotly_white",
                       legend={"orientation": "h", "y": 1.0 + 40 / (PANEL_HEIGHT * n_rows), "x": 0})
     return fig
+
+
+def _add_chance(fig: go.Figure, data: pd.DataFrame, col: str, row: int) -> None:
+    """The chance level that applies to ``col`` (``PREFIX_chance`` for a column ``PREFIX_...``), dashed, with
+    ± its ``_sd`` band where the table has one."""
+    prefix = col.split("_", 1)[0]
+    chance = f"{prefix}{CHANCE_SUFFIX}"
+    if "_" not in col or chance not in data.columns or data.empty:
+        return
+    level = float(data[chance].mean())
+    fig.add_hline(y=level, line={"dash": "dash", "color": "grey", "width": 1}, row=row, col=1,
+                  annotation_text="chance", annotation_font_size=9)
+    if f"{chance}_sd" in data.columns:
+        sd = float(data[f"{chance}_sd"].mean())
+        fig.add_hrect(y0=level - sd, y1=level + sd, fillcolor="grey", opacity=0.12, line_width=0, row=row, col=1)
 
 
 def training_figure(title: str, log: pd.DataFrame, phases: Phases | None) -> go.Figure:

@@ -357,3 +357,22 @@ def test_the_python_api_checks_params_too(tiny_run, tmp_path):
     assert parse_param(sharpness, "max_rows", "all") is None and parse_param(sharpness, "max_rows", "64") == 64
     assert parse_param(sharpness, "magnitude_eps", "0") == 0.0  # allowed: a non-negative parameter
     assert parse_param(sharpness, "sigma", "1e-3") == 1e-3
+
+
+def test_error_and_chance_columns_decorate_their_panels_instead_of_getting_their_own():
+    from grokinterp.plots import metric_figure
+
+    table = pd.DataFrame({"step": [1, 10, 100], "circle_k3": [0.5, 0.7, 1.0], "circle_chance": [0.4] * 3,
+                          "circle_chance_sd": [0.05] * 3, "hessian_trace": [3.0, 5.0, 4.0],
+                          "hessian_trace_se": [0.1, 0.3, 0.2], "sigma_err": [1.0, 2.0, 3.0]})
+    fig = metric_figure("t", table, pd.DataFrame(), None)
+    panels = [a.text for a in fig.layout.annotations if a.text in table.columns or a.text == "accuracy"]
+    assert panels == ["accuracy", "circle_k3", "hessian_trace", "sigma_err"]  # an _err without its column is a panel
+    trace = next(t for t in fig.data if t.name == "hessian_trace")
+    assert list(trace.error_y.array) == [0.1, 0.3, 0.2]
+    assert next(t for t in fig.data if t.name == "circle_k3").error_y.array is None
+    chance = [s for s in fig.layout.shapes if s.type == "line"]
+    assert len(chance) == 1 and chance[0].yref == "y2"  # dashed, on the circle panel (the second) only
+    assert chance[0].y0 == chance[0].y1 == pytest.approx(0.4)
+    band = [s for s in fig.layout.shapes if s.type == "rect"]
+    assert len(band) == 1 and (band[0].y0, band[0].y1) == pytest.approx((0.35, 0.45))

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from grokinterp.metrics.fourier import (
+    circle_chance,
+    circle_fit,
     circle_score,
     fourier_basis,
     frequency_power,
@@ -39,9 +41,8 @@ def test_circle_of_frequency_k_is_found_at_k(p, k):
     assert power[k - 1] / power.sum() > 0.999
     assert key_frequencies(power) == [k]
     assert inverse_participation_ratio(power) == pytest.approx(1.0)
-    score, i, j = circle_score(E, k)
-    assert score > 0.999 and (i, j) == (0, 1)
-    assert circle_score(E, k % ((p - 1) // 2) + 1)[0] < 0.05  # the wrong frequency does not fit
+    assert circle_score(E, k) == pytest.approx(1.0, abs=1e-12)
+    assert circle_score(E, k % ((p - 1) // 2) + 1) == 0.0  # the wrong frequency has no plane at all
 
 
 def test_random_embeddings_score_low():
@@ -51,7 +52,9 @@ def test_random_embeddings_score_low():
     assert len(key_frequencies(power)) >= 8  # power is spread over most of the 11 frequencies
     assert inverse_participation_ratio(power) < 0.2
     assert top_k_fraction(power, 1) < 0.3
-    assert max(circle_score(E, k)[0] for k in range(1, 12)) < 0.5
+    # well below a circle, at the chance level of random embeddings of this shape (their mean score ± one sd)
+    chance, sd = circle_chance(p, 128, list(range(1, 12)))
+    assert max(abs(circle_score(E, k) - chance) for k in range(1, 12)) < 3 * sd and chance + 3 * sd < 0.95
 
 
 def test_a_few_frequencies_are_all_key():
@@ -61,7 +64,50 @@ def test_a_few_frequencies_are_all_key():
     assert key_frequencies(power) == [3, 8]
     assert power[2] / power[7] == pytest.approx(4.0)
     assert inverse_participation_ratio(power) == pytest.approx((16 + 1) / 25)
-    assert circle_score(E, 3)[0] > 0.999 and circle_score(E, 8)[0] > 0.999
+    assert circle_score(E, 3) == pytest.approx(1.0) and circle_score(E, 8) == pytest.approx(1.0)
+
+
+def test_equal_radius_circles_each_score_one_in_their_own_plane():
+    """Four exact circles at k = 14, 35, 41, 52 (p = 113) in orthogonal planes: equal radii tie the principal
+    components, which then mix the circles; each frequency's own Fourier plane does not."""
+    p, freqs = 113, [14, 35, 41, 52]
+    q, _ = torch.linalg.qr(torch.randn(32, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    x = torch.arange(p, dtype=torch.float64)
+
+    def embedding(radii):
+        return sum(r * torch.stack([torch.cos(2 * math.pi * k * x / p), torch.sin(2 * math.pi * k * x / p)], 1)
+                   @ q[:, 2 * i:2 * i + 2].T for i, (k, r) in enumerate(zip(freqs, radii)))
+
+    for radii in ([1.0, 0.9, 0.8, 0.7], [1.0, 1.0, 1.0, 1.0], [3.0, 1.0, 1.0, 0.01]):
+        assert [circle_score(embedding(radii), k) for k in freqs] == pytest.approx([1.0] * 4, abs=1e-12)
+    # a translated embedding scores the same (the rows are centred)
+    assert circle_score(embedding([1.0] * 4) + 5.0, 14) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_circle_fit_of_known_shapes():
+    p, k, j = 23, 4, 9
+    x = torch.arange(p, dtype=torch.float64)
+    w, v = 2 * math.pi * k / p, 2 * math.pi * j / p
+    # another frequency inside the plane: z = e^{iw_k x} + ½e^{iw_j x} keeps 1 / (1 + ¼) of Σ|z|² on the circle
+    mixed = torch.stack([torch.cos(w * x) + 0.5 * torch.cos(v * x), torch.sin(w * x) + 0.5 * torch.sin(v * x)], 1)
+    assert circle_score(mixed, k) == pytest.approx(0.8, abs=1e-12)
+    # a line, z ∝ cos(w_k x + φ): half a circle each way; and an ellipse of axes a, b: max(a+b)² / (2(a² + b²))
+    assert circle_score(torch.cos(w * x + 0.3)[:, None] * torch.tensor([[1.0, 2.0]]), k) == pytest.approx(0.5)
+    ellipse = torch.stack([2 * torch.cos(w * x), torch.sin(w * x)], 1)
+    assert circle_score(ellipse, k) == pytest.approx(9 / 10)
+    # traversed backwards (x ↦ −kx) is the same circle; no points off the origin score 0
+    assert circle_fit(torch.stack([torch.cos(w * x), -torch.sin(w * x)], 1), k) == pytest.approx(1.0)
+    assert circle_fit(torch.zeros(p, 2, dtype=torch.float64), k) == 0.0
+
+
+def test_chance_level_follows_the_shape_not_the_seed():
+    """Random embeddings score about d / (d + p) in the plane fitted to their own k-th component."""
+    for p, d in ((113, 128), (23, 16), (113, 512)):
+        chance, sd = circle_chance(p, d, [3, 7])
+        assert chance == pytest.approx(d / (d + p), rel=0.1) and 0 < sd < 0.1
+    assert circle_chance(23, 16, [3]) == circle_chance(23, 16, [3])  # seeded
+    other, _ = circle_chance(23, 16, [3], seed=1)
+    assert other != circle_chance(23, 16, [3])[0] and other == pytest.approx(circle_chance(23, 16, [3])[0], rel=0.1)
 
 
 def test_neurons_of_one_frequency():

@@ -57,8 +57,9 @@ register(Metric("weight-norm", weight_norm_metrics, "Σ‖θ‖² in total and p
 register(Metric("fourier", fourier_metrics, "Fourier power of W_E/W_U per frequency, sparsity, neurons explained "
                 "by one frequency, restricted and excluded loss", families=("mod",), prepare=_final_key_freqs,
                 version=1))
-register(Metric("circles", circle_metrics, "how well the embedding sits on a circle for each key frequency",
-                families=("mod",), prepare=_final_key_freqs, points=circle_points, version=1))
+register(Metric("circles", circle_metrics, "how well the embedding sits on a circle in the Fourier plane of each "
+                "key frequency, beside the chance level of random embeddings of the same shape",
+                families=("mod",), prepare=_final_key_freqs, points=circle_points, version=2))
 register(Metric("cosets", coset_metrics, "how strongly W_E/W_U rows cluster by left and right cosets of point "
                 "stabilizers, A_n and (S5) a dihedral subgroup, against random labels of the same sizes",
                 families=("perm",), points=coset_points, version=1))

@@ -122,38 +122,64 @@ def restricted_and_excluded_loss(
     return restricted, excluded
 
 
-def circle_score(E: Float[torch.Tensor, "p d"], k: int, n_pcs: int = 10) -> tuple[float, int, int]:
-    """How well the tokens sit on a circle in the order 2πkx/p, in some plane of two principal components.
+def fourier_plane(E: Float[torch.Tensor, "p d"], k: int) -> Float[torch.Tensor, "p r"]:
+    """Coordinates of the centred rows in the Fourier plane of frequency k: the span of the embedding's components
+    C_k = Σ_x cos(w_k x) E_x and S_k = Σ_x sin(w_k x) E_x (w_k = 2πk/p), in an orthonormal basis of that span.
 
-    For each pair (i, j) of the top ``n_pcs`` principal components of the centred embedding, z_x = PC_i(x) +
-    i·PC_j(x); the score is the fraction of Σ|z_x|² captured by the best circle a·e^{±i w_k x}, i.e.
-    max(|Σ z_x e^{-i w_k x}|², |Σ z_x e^{i w_k x}|²) / (p Σ|z_x|²). It is 1 exactly when the points lie on a circle
-    traversed in that order; random Gaussian embeddings (width 128, 20 seeds) score 4.3-4.9/p on average, the best
-    of the 45 planes being kept. Returns (score, i, j), PCs 0-based."""
-    return _best_circle_plane(principal_components(E, n_pcs), k)
-
-
-def principal_components(E: Float[torch.Tensor, "p d"], n_pcs: int = 10) -> Float[torch.Tensor, "p n_pcs"]:
-    """Coordinates of the centred rows on their top ``n_pcs`` principal components (fewer where the rest have no
-    variance: those directions carry only rounding noise)."""
+    r = 2, or 1 where C_k and S_k are parallel (or k = p/2, where sin vanishes), or 0 where the embedding has no
+    power at k. Each frequency has its own plane, so circles of equal radius at other frequencies cannot mix into
+    it the way they mix into tied principal components."""
+    p = E.shape[0]
     centred = E.to(torch.float64) - E.to(torch.float64).mean(dim=0, keepdim=True)
-    u, s, _ = torch.linalg.svd(centred, full_matrices=False)
-    keep = min(n_pcs, int((s.pow(2) > 1e-9 * s.pow(2).sum()).sum()))
-    return u[:, :keep] * s[:keep]
+    w = 2 * math.pi * k / p * torch.arange(p, dtype=torch.float64)
+    components = torch.stack([torch.cos(w), torch.sin(w)]) @ centred  # [2, d]: C_k, S_k
+    _, s, vh = torch.linalg.svd(components, full_matrices=False)
+    total = centred.square().sum()
+    keep = int((s.square() > 1e-20 * max(float(total), 1e-300) * p).sum())  # rounding noise is not a direction
+    return centred @ vh[:keep].T
 
 
-def _best_circle_plane(pcs: Float[torch.Tensor, "p n_pcs"], k: int) -> tuple[float, int, int]:
-    p = pcs.shape[0]
+def circle_fit(coords: Float[torch.Tensor, "p r"], k: int) -> float:
+    """The fraction of Σ_x |z_x|² captured by the best circle a·e^{±i w_k x} through 2D points z_x (r ≤ 2 real
+    coordinates; a missing second one is 0): max(|Σ z_x e^{−i w_k x}|², |Σ z_x e^{i w_k x}|²) / (p Σ|z_x|²).
+
+    1 exactly when the points lie on a circle centred at the origin, traversed in the order x ↦ kx mod p; ½ for
+    points on a line, z_x ∝ cos(w_k x + φ) (half a circle each way); 0 for no points off the origin."""
+    p = coords.shape[0]
+    if coords.shape[1] == 0:
+        return 0.0
+    z = torch.complex(coords[:, 0], coords[:, 1] if coords.shape[1] > 1 else torch.zeros_like(coords[:, 0]))
     phase = torch.exp(-2j * math.pi * k * torch.arange(p, dtype=torch.float64) / p)
-    best = (0.0, 0, 1)
-    for i in range(pcs.shape[1]):
-        for j in range(i + 1, pcs.shape[1]):
-            z = torch.complex(pcs[:, i], pcs[:, j])
-            norm = z.abs().pow(2).sum().clamp_min(1e-300)
-            fit = max((z * phase).sum().abs().pow(2), (z * phase.conj()).sum().abs().pow(2)) / (p * norm)
-            if float(fit) > best[0]:
-                best = (float(fit), i, j)
-    return best
+    norm = z.abs().pow(2).sum()
+    if float(norm) == 0.0:
+        return 0.0
+    return float(max((z * phase).sum().abs().pow(2), (z * phase.conj()).sum().abs().pow(2)) / (p * norm))
+
+
+def circle_score(E: Float[torch.Tensor, "p d"], k: int) -> float:
+    """How well the tokens sit on a circle in the order 2πkx/p, in the Fourier plane of k (``fourier_plane``):
+    ``circle_fit`` of the rows' coordinates there.
+
+    A perfect circle at k scores 1 whatever its radius and whatever other frequencies do in directions orthogonal
+    to it; power of other frequencies inside the plane lowers it. Random embeddings score well above 0, since
+    the plane is the one where the rows' k-th component is largest: ``circle_chance`` measures that level."""
+    return circle_fit(fourier_plane(E, k), k)
+
+
+CHANCE_DRAWS = 64  # random embeddings behind each run's chance level (its standard error is ~1% of it)
+
+
+def circle_chance(p: int, d: int, freqs: list[int], draws: int = CHANCE_DRAWS, seed: int = 0) -> tuple[float, float]:
+    """The circle score of random embeddings of the run's shape: rows E_x ~ N(0, I_d), p of them, scored at each
+    of ``freqs``; (mean, standard deviation of one embedding's score) over ``draws`` seeded draws.
+
+    It depends on p and d, hardly on k: about d / (d + p) (0.53 at p = 113, d = 128), since the plane is fitted
+    to the rows' own k-th component, which puts about d units of variance along it against about p from the other
+    frequencies. A trained embedding's score means something only well above it (a few standard deviations)."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.tensor([circle_score(torch.randn(p, d, generator=g, dtype=torch.float64), k)
+                           for _ in range(draws) for k in freqs], dtype=torch.float64)
+    return float(scores.mean()), float(scores.std()) if len(scores) > 1 else 0.0
 
 
 def embedding_key_frequencies(ckpt: Checkpoint) -> list[int]:
@@ -230,13 +256,16 @@ def fourier_metrics(ckpt: Checkpoint, key_freqs: list[int] | None = None) -> dic
 
 @torch.no_grad()
 def circle_metrics(ckpt: Checkpoint, key_freqs: list[int] | None = None) -> dict[str, float]:
-    """Circle score of the embedding for each key frequency (default: this checkpoint's own)."""
+    """Circle score of the embedding in the Fourier plane of each key frequency (default: this checkpoint's own),
+    with the chance level of random embeddings of the same shape (``circle_chance``) beside it."""
     p = _require_mod(ckpt)
-    pcs = principal_components(ckpt.model.W_E[:p].detach().cpu())
-    scores = {k: _best_circle_plane(pcs, k)[0] for k in key_freqs or embedding_key_frequencies(ckpt)}
+    E = ckpt.model.W_E[:p].detach().cpu()
+    freqs = key_freqs or embedding_key_frequencies(ckpt)
+    scores = {k: circle_score(E, k) for k in freqs}
     row = {f"circle_k{k}": s for k, s in scores.items()}
     row["circle_mean"] = float(np.mean(list(scores.values())))
     row["circle_max"] = float(max(scores.values()))
+    row["circle_chance"], row["circle_chance_sd"] = circle_chance(p, E.shape[1], freqs)
     return row
 
 
@@ -251,18 +280,20 @@ def tsne_2d(X: Float[torch.Tensor, "rows d"], seed: int) -> Float[np.ndarray, "r
 
 @torch.no_grad()
 def circle_points(ckpt: Checkpoint, key_freqs: list[int] | None = None, max_panels: int = 4) -> list[dict]:
-    """Per-token 2D points for figures: the embedding in the principal plane where it best circles at each key
-    frequency (coloured by k·x mod p, so a circle shows a rainbow in order), and a t-SNE of the output-layer rows
-    (W_U columns) as in Power et al."""
+    """Per-token 2D points for figures: the embedding in the Fourier plane of each key frequency (coloured by
+    k·x mod p, so a circle shows a rainbow in order), and a t-SNE of the output-layer rows (W_U columns) as in
+    Power et al."""
     p = _require_mod(ckpt)
-    pcs = principal_components(ckpt.model.W_E[:p].detach().cpu())
+    E = ckpt.model.W_E[:p].detach().cpu()
     out = []
     for k in (key_freqs or embedding_key_frequencies(ckpt))[:max_panels]:
-        score, i, j = _best_circle_plane(pcs, k)
+        coords = fourier_plane(E, k)
+        coords = torch.cat([coords, torch.zeros(p, 2 - coords.shape[1], dtype=coords.dtype)], dim=1)
+        score = circle_fit(coords, k)
         for x in range(p):
-            out.append({"panel": f"W_E circle, k={k}", "token": x, "x": float(pcs[x, i]),
-                        "y": float(pcs[x, j]), "colour": (k * x) % p,
-                        "note": f"PC{i + 1} vs PC{j + 1}, circle score {score:.2f}"})
+            out.append({"panel": f"W_E circle, k={k}", "token": x, "x": float(coords[x, 0]),
+                        "y": float(coords[x, 1]), "colour": (k * x) % p,
+                        "note": f"Fourier plane of k={k}, circle score {score:.2f}"})
     xy = tsne_2d(ckpt.model.W_U.T, ckpt.seed)
     out += [{"panel": "t-SNE of W_U columns", "token": x, "x": float(xy[x, 0]), "y": float(xy[x, 1]), "colour": x,
              "note": "coloured by token"} for x in range(p)]
