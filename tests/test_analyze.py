@@ -336,6 +336,7 @@ def test_params_from_the_command_line_are_typed_and_key_the_cached_rows(tiny_run
     ("sharpness", "hutchinson_samples=2.5", "sharpness's hutchinson_samples takes an integer, e.g. --param "),
     ("sharpness", "acc_target=1.5", "metric 'sharpness': acc_target must be in (0, 1], got 1.5"),
     ("sharpness", "max_rows=-3", "metric 'sharpness': max_rows must be > 0, got -3"),
+    ("sharpness", "rel_error=0", "metric 'sharpness': rel_error must be in (0, 1], got 0.0"),
 ])
 def test_a_bad_param_is_one_line_and_writes_nothing(tiny_run, tmp_path, capsys, metric, param, message):
     args = ["analyze", str(tiny_run.path), "--metric", metric, "--out", str(tmp_path), "--param", param]
@@ -348,8 +349,8 @@ def test_a_bad_param_is_one_line_and_writes_nothing(tiny_run, tmp_path, capsys, 
 def test_the_python_api_checks_params_too(tiny_run, tmp_path):
     from grokinterp.analyze import parse_param
 
-    with pytest.raises(AnalysisError, match="hessian_iters must be > 0, got 0"):
-        analyze(tiny_run, "sharpness", out_root=tmp_path, progress=False, params={"hessian_iters": 0})
+    with pytest.raises(AnalysisError, match="lanczos_iters must be > 0, got 0"):
+        analyze(tiny_run, "sharpness", out_root=tmp_path, progress=False, params={"lanczos_iters": 0})
     with pytest.raises(AnalysisError, match="eps_steps takes an integer, got 1.5"):
         analyze(tiny_run, "sharpness", out_root=tmp_path, progress=False, params={"eps_steps": 1.5})
     assert not any(tmp_path.iterdir())

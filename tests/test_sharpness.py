@@ -2,6 +2,7 @@
 (weights bit-identical, global RNG untouched, same seed ⇒ same numbers)."""
 
 import math
+from statistics import median as statistics_median
 
 import pytest
 import torch
@@ -79,21 +80,65 @@ def trained():
 # --- closed forms on a quadratic -------------------------------------------------------------------------------
 
 
-def test_power_iteration_is_exact_on_a_quadratic():
+def test_lanczos_is_exact_on_a_quadratic():
     model = Quadratic(spd(), torch.ones(5, dtype=torch.float64))
     top = hessian_top_eigenvalue(model, *ONE_ROW, iters=200, generator=gen(), tol=1e-13, loss_fn=half_square)
-    assert top == pytest.approx(4.0, rel=1e-10)
+    assert top.value == pytest.approx(4.0, rel=1e-12)
+    assert top.n == 5 and top.error < 1e-10  # five steps span R⁵: the Krylov space is invariant, the bound is 0
+
+
+def test_lanczos_resolves_a_near_tie_that_stalls_power_iteration():
+    """λ₁ = 1, λ₂ = 0.999 in 60 dimensions: power iteration's error falls as 0.999^t; Lanczos' does not, and its
+    residual bound holds the true top eigenvalue."""
+    eigenvalues = torch.cat([torch.tensor([1.0, 0.999]), torch.linspace(0.5, 0.01, 58)]).double()
+    model = Quadratic(spd(eigenvalues), torch.zeros(60, dtype=torch.float64))
+    top = hessian_top_eigenvalue(model, *ONE_ROW, iters=30, generator=gen(), tol=1e-8, loss_fn=half_square)
+    assert top.value <= 1.0 + 1e-12 and abs(top.value - 1.0) <= top.error
+    assert top.value == pytest.approx(1.0, abs=1e-3) and top.n <= 30
+    # ten steps: the bound still says how far off the estimate may be
+    early = hessian_top_eigenvalue(model, *ONE_ROW, iters=10, generator=gen(), tol=0.0, loss_fn=half_square)
+    assert early.n == 10 and early.value <= 1.0 and 1.0 - early.value <= early.error
 
 
 def test_hutchinson_is_exact_for_a_diagonal_hessian_and_unbiased_otherwise():
     diagonal = Quadratic(torch.diag(EIGENVALUES), torch.zeros(5, dtype=torch.float64))
-    assert hessian_trace(diagonal, *ONE_ROW, n_samples=3, generator=gen(), loss_fn=half_square) == pytest.approx(
-        EIGENVALUES.sum().item(), rel=1e-12)
+    exact = hessian_trace(diagonal, *ONE_ROW, max_samples=3, rel_error=0.0, generator=gen(), loss_fn=half_square)
+    assert exact.value == pytest.approx(EIGENVALUES.sum().item(), rel=1e-12) and exact.error == 0.0 and exact.n == 3
     a = spd()
-    estimate = hessian_trace(Quadratic(a, torch.zeros(5, dtype=torch.float64)), *ONE_ROW, n_samples=400,
-                             generator=gen(), loss_fn=half_square)
+    estimate = hessian_trace(Quadratic(a, torch.zeros(5, dtype=torch.float64)), *ONE_ROW, max_samples=400,
+                             rel_error=0.0, generator=gen(), loss_fn=half_square)
     std_err = math.sqrt(2 * (a.square().sum() - a.diag().square().sum()).item() / 400)
-    assert abs(estimate - a.trace().item()) < 4 * std_err
+    assert estimate.n == 400 and abs(estimate.value - a.trace().item()) < 4 * std_err
+    assert estimate.error == pytest.approx(std_err, rel=0.25)  # the reported standard error is the true one
+
+
+def test_hutchinson_stops_at_its_error_target_and_its_errors_cover_the_truth():
+    a = spd(torch.linspace(0.1, 3.0, 30).double())
+    model = Quadratic(a, torch.zeros(30, dtype=torch.float64))
+    z_scores = []
+    for seed in range(40):
+        est = hessian_trace(model, *ONE_ROW, max_samples=500, rel_error=0.05, generator=gen(seed), loss_fn=half_square)
+        assert est.n < 500 and est.error <= 0.05 * abs(est.value)
+        z_scores.append((est.value - a.trace().item()) / est.error)
+    # about 95% of |z| fall under 2 when the standard errors are honest (early stopping biases them only a little)
+    assert sum(abs(z) < 2 for z in z_scores) >= 32 and sum(abs(z) < 3.5 for z in z_scores) == 40
+
+
+def test_deflation_takes_the_top_eigendirections_exactly():
+    """A rank-4 Hessian: 5 Lanczos steps span its range, so the deflated trace is exact with no sampling error;
+    on a full-rank one deflation keeps the estimate unbiased and shrinks its error."""
+    q, _ = torch.linalg.qr(torch.randn(12, 4, generator=gen(2), dtype=torch.float64))
+    model = Quadratic(torch.eye(12, dtype=torch.float64), torch.zeros(12, dtype=torch.float64))
+    model.r = torch.diag(torch.tensor([9.0, 5.0, 2.0, 1.0], dtype=torch.float64).sqrt()) @ q.T  # H = RᵀR, rank 4
+    est = hessian_trace(model, *ONE_ROW, generator=gen(), deflate=5, loss_fn=half_square)
+    assert est.value == pytest.approx(17.0, rel=1e-10) and est.error < 1e-9 and est.n == 4
+    eigenvalues = torch.cat([torch.tensor([50.0, 30.0, 20.0]), torch.full((37,), 0.5)]).double()
+    full = Quadratic(spd(eigenvalues), torch.zeros(40, dtype=torch.float64))
+    plain = hessian_trace(full, *ONE_ROW, max_samples=200, rel_error=0.0, generator=gen(), loss_fn=half_square)
+    deflated = hessian_trace(full, *ONE_ROW, max_samples=200, rel_error=0.0, generator=gen(), deflate=6,
+                             loss_fn=half_square)
+    assert deflated.error < plain.error / 5
+    assert abs(deflated.value - 118.5) < 4 * deflated.error and abs(plain.value - 118.5) < 4 * plain.error
 
 
 def test_random_perturbation_matches_half_sigma_squared_trace():
@@ -104,10 +149,26 @@ def test_random_perturbation_matches_half_sigma_squared_trace():
     effect = random_perturbation_sharpness(model, *ONE_ROW, sigma, n, gen(), loss_fn=half_square)
     std_err = 0.5 * sigma**2 * math.sqrt(2 * a.square().sum().item() / n)  # Var zᵀAz = 2 tr A²
     assert abs(effect.loss_increase - 0.5 * sigma**2 * a.trace().item()) < 4 * std_err
+    assert effect.loss_increase_se == pytest.approx(std_err, rel=0.1)  # its own standard error is the true one
     # magnitude-aware noise at w = 0 is the floor N(0, ε²) whatever σ is
     small = random_perturbation_sharpness(model, *ONE_ROW, 0.01, 8, gen(), magnitude_aware=True, loss_fn=half_square)
     large = random_perturbation_sharpness(model, *ONE_ROW, 10.0, 8, gen(), magnitude_aware=True, loss_fn=half_square)
     assert small == large and 0 < small.loss_increase < 0.5 * 1e-6 * 100 * a.trace().item()
+
+
+def test_sigma_star_standard_error_matches_its_spread_over_seeds():
+    """At w = 0 of ½wᵀAw, σ* = sqrt(2·target / mean_k z_kᵀAz_k): its spread over seeds is known, and the delta
+    method's standard error must match it."""
+    a, target, n = spd(), 0.05, 16
+    model = Quadratic(a, torch.zeros(5, dtype=torch.float64))
+    runs = [sigma_star(model, *ONE_ROW, target, generator=gen(seed), n_samples=n, rtol=1e-4, loss_fn=half_square,
+                       vmap_chunk=n) for seed in range(60)]
+    values = torch.tensor([r.value for r in runs], dtype=torch.float64)
+    # var zᵀAz = 2 tr A²: σ*'s relative sd is ½ · sqrt(2 tr A² / n) / tr A by the delta method
+    expected = 0.5 * math.sqrt(2 * a.square().sum().item() / n) / a.trace().item() * values.mean().item()
+    assert values.std().item() == pytest.approx(expected, rel=0.25)
+    assert statistics_median([r.error for r in runs]) == pytest.approx(expected, rel=0.25)
+    assert all(r.n == n for r in runs)
 
 
 def test_sigma_star_is_larger_for_a_flatter_quadratic():
@@ -119,29 +180,30 @@ def test_sigma_star_is_larger_for_a_flatter_quadratic():
     s_flat = sigma_star(flat, *ONE_ROW, target, generator=gen(), n_samples=512, rtol=rtol, loss_fn=half_square,
                          vmap_chunk=512)
     # the same draws z_k (common random numbers): H/4 doubles σ* exactly, up to the bisection's tolerance
-    assert s_flat / s_sharp == pytest.approx(2.0, rel=2 * rtol)
+    assert s_flat.value / s_sharp.value == pytest.approx(2.0, rel=2 * rtol)
+    assert s_flat.error / s_sharp.error == pytest.approx(2.0, rel=0.05)
     # and ½σ*² · mean zᵀAz = target, with mean zᵀAz ≈ tr A (relative standard error sqrt(2 tr A²/n) / tr A ≈ 4%)
-    assert s_sharp == pytest.approx(math.sqrt(2 * target / a.trace().item()), rel=0.08)
+    assert s_sharp.value == pytest.approx(math.sqrt(2 * target / a.trace().item()), rel=0.08)
 
 
 def test_sigma_star_brackets_the_target(trained):
     model, tokens, labels, _, _ = trained
     rtol = 0.02
     for kind, target in (("loss", 0.1), ("accuracy", 0.1)):
-        s = sigma_star(model, tokens, labels, target, kind, generator=gen(3), n_samples=4, rtol=rtol)
+        s = sigma_star(model, tokens, labels, target, kind, generator=gen(3), n_samples=4, rtol=rtol).value
         assert 0 < s < math.inf
         below = random_perturbation_sharpness(model, tokens, labels, s, 4, gen(3))
         above = random_perturbation_sharpness(model, tokens, labels, s * (1 + rtol), 4, gen(3))
         field = "loss_increase" if kind == "loss" else "acc_drop"
         assert getattr(below, field) < target <= getattr(above, field)
     # accuracy cannot drop by more than it is: σ* is undefined
-    assert math.isnan(sigma_star(model, tokens, labels, 1.5, "accuracy", generator=gen(), n_samples=2))
+    assert math.isnan(sigma_star(model, tokens, labels, 1.5, "accuracy", generator=gen(), n_samples=2).value)
 
 
 # --- the full Hessian of a tiny transformer ----------------------------------------------------------------------
 
 
-def test_power_iteration_and_hutchinson_agree_with_the_full_hessian():
+def test_lanczos_and_hutchinson_agree_with_the_full_hessian():
     model = build_model(ModelConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=8), 5).to(torch.float64)
     data = build_task("add", 5, 5, 0.6, 0)
     tokens, labels = data.tokens[data.train_idx], data.labels[data.train_idx]
@@ -157,15 +219,19 @@ def test_power_iteration_and_hutchinson_agree_with_the_full_hessian():
     flat = torch.cat([w.reshape(-1) for w in theta.values()])
     hessian = torch.autograd.functional.hessian(loss_of, flat)
     eigenvalues = torch.linalg.eigvalsh(hessian)
-    dominant = eigenvalues[eigenvalues.abs().argmax()].item()
-
-    top = hessian_top_eigenvalue(model, tokens, labels, iters=2000, generator=gen(), tol=1e-12)
-    assert top == pytest.approx(dominant, rel=1e-6)
+    top = hessian_top_eigenvalue(model, tokens, labels, iters=2000, generator=gen(), tol=1e-10)
+    assert top.value == pytest.approx(eigenvalues[-1].item(), rel=1e-8) and top.n < 100
+    # the default target: within its bound, and the bound within 5% of the value
+    quick = hessian_top_eigenvalue(model, tokens, labels, iters=50, generator=gen(), tol=0.05)
+    assert abs(quick.value - eigenvalues[-1].item()) <= quick.error <= 0.05 * quick.value
 
     n = 200
-    trace = hessian_trace(model, tokens, labels, n_samples=n, generator=gen())
+    trace = hessian_trace(model, tokens, labels, max_samples=n, rel_error=0.0, generator=gen())
     std_err = math.sqrt(2 * (hessian.square().sum() - hessian.diag().square().sum()).item() / n)
-    assert abs(trace - hessian.trace().item()) < 4 * std_err
+    assert abs(trace.value - hessian.trace().item()) < 4 * std_err
+    assert trace.error == pytest.approx(std_err, rel=0.3)
+    adaptive = hessian_trace(model, tokens, labels, generator=gen(), deflate=20)  # 5%, as sharpness_metrics does
+    assert abs(adaptive.value - hessian.trace().item()) < 3 * adaptive.error <= 0.15 * abs(adaptive.value)
 
 
 # --- ε-sharpness -------------------------------------------------------------------------------------------------
@@ -208,7 +274,7 @@ CALLS = {
     "sigma_star": lambda m, t, y: sigma_star(m, t, y, 0.1, generator=gen(), n_samples=2, rtol=0.1),
     "epsilon": lambda m, t, y: epsilon_sharpness(m, t, y, steps=3, generator=gen()),
     "top_eig": lambda m, t, y: hessian_top_eigenvalue(m, t, y, iters=5, generator=gen()),
-    "trace": lambda m, t, y: hessian_trace(m, t, y, n_samples=2, generator=gen()),
+    "trace": lambda m, t, y: hessian_trace(m, t, y, max_samples=2, generator=gen(), deflate=3),
 }
 
 
@@ -241,28 +307,37 @@ def test_sharpness_metrics_row(trained):
     model, tokens, labels, cfg, data = trained
     ckpt = Checkpoint(step=150, model=model, data=data, config=cfg, seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    row = sharpness_metrics(ckpt, n_samples=2, eps_steps=2, hessian_iters=3, hutchinson_samples=2)
-    assert set(row) == {"train_loss", "train_acc", "n_rows", "rand_loss_increase", "rand_acc_drop",
-                        "sigma_star_loss", "sigma_star_acc", "sigma_star_loss_magnitude", "eps_sharpness",
-                        "hessian_top_eig", "hessian_trace"}
+    row = sharpness_metrics(ckpt, n_samples=2, eps_steps=2, lanczos_iters=3, hutchinson_samples=2, max_hutchinson_samples=2)
+    sampled = ["rand_loss_increase", "rand_acc_drop", "sigma_star_loss", "sigma_star_acc",
+               "sigma_star_loss_magnitude", "hessian_trace"]
+    assert set(row) == {"train_loss", "train_acc", "n_rows", *sampled, *(f"{c}_se" for c in sampled), "noise_draws",
+                        "eps_sharpness", "hessian_top_eig", "hessian_top_eig_err", "hessian_lanczos_iters",
+                        "hessian_trace_samples", "error_targets_met"}
     assert all(isinstance(v, float) and math.isfinite(v) for v in row.values())
+    assert row["hessian_lanczos_iters"] <= 3 and row["hessian_trace_samples"] == 2 and row["hessian_trace_se"] > 0
     assert row["train_acc"] == 1.0 and row["n_rows"] == len(labels)
     assert row["train_loss"] == pytest.approx(answer_loss(answer_logits(model, tokens), labels).item(), rel=1e-12)
     assert row["sigma_star_loss"] > 0 and row["hessian_trace"] > 0
     rises = corner_rises(model, tokens, labels, 1e-3)  # the row's φ is a maximum over the box, not a sample of it
     assert row["eps_sharpness"] > max(rises) > sum(rises) / len(rises) > 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # the budgets ran out before the 5% targets on 2 draws and 2 samples; the default budgets reach them here
+    full = sharpness_metrics(ckpt, eps_steps=2)
+    assert row["error_targets_met"] == 0.0 and full["error_targets_met"] == 1.0
+    for c in ("sigma_star_loss", "sigma_star_loss_magnitude", "hessian_trace"):
+        assert full[f"{c}_se"] <= 0.05 * full[c]
+    assert full["hessian_top_eig_err"] <= 0.05 * full["hessian_top_eig"] and full["noise_draws"] >= 4
 
-    assert sharpness_metrics(ckpt, n_samples=2, eps_steps=2, hessian_iters=3, hutchinson_samples=2) == row
+    assert sharpness_metrics(ckpt, n_samples=2, eps_steps=2, lanczos_iters=3, hutchinson_samples=2, max_hutchinson_samples=2) == row
     other = sharpness_metrics(Checkpoint(step=150, model=model, data=data, config=cfg, seed=1), n_samples=2,
-                              eps_steps=2, hessian_iters=3, hutchinson_samples=2)
+                              eps_steps=2, lanczos_iters=3, hutchinson_samples=2, max_hutchinson_samples=2)
     assert other["rand_loss_increase"] != row["rand_loss_increase"]
     assert other["train_loss"] == row["train_loss"] and other["eps_sharpness"] == row["eps_sharpness"]
 
     # a subset of rows: the same one at every step (seeded by ckpt.seed alone); train_loss stays on the full split
-    sub = sharpness_metrics(ckpt, max_rows=10, n_samples=2, eps_steps=2, hessian_iters=3, hutchinson_samples=2)
+    sub = sharpness_metrics(ckpt, max_rows=10, n_samples=2, eps_steps=2, lanczos_iters=3, hutchinson_samples=2, max_hutchinson_samples=2)
     later = sharpness_metrics(Checkpoint(step=151, model=model, data=data, config=cfg, seed=0), max_rows=10,
-                              n_samples=2, eps_steps=2, hessian_iters=3, hutchinson_samples=2)
+                              n_samples=2, eps_steps=2, lanczos_iters=3, hutchinson_samples=2, max_hutchinson_samples=2)
     assert sub["n_rows"] == 10 and sub["train_loss"] == row["train_loss"]
     assert sub["eps_sharpness"] == later["eps_sharpness"] != row["eps_sharpness"]
 

@@ -68,6 +68,8 @@ register(Metric("irreps", irrep_metrics, "fraction of W_E/W_U variance in each i
                 version=1))
 register(Metric("sharpness", sharpness_metrics, "training-loss sharpness under weight perturbation: expected loss "
                 "increase at fixed σ, σ* by bisection (plain and magnitude-aware), ε-sharpness (maximized), Hessian "
-                "top eigenvalue (power iteration) and trace (Hutchinson)",
-                param_rules={"magnitude_eps": "nonnegative", "eps_steps": "nonnegative", "acc_target": "fraction"},
-                version=1))
+                "top eigenvalue (Lanczos) and trace (Hutchinson, deflated); each sampled column X with X_se, drawn "
+                "until rel_error or a budget",
+                param_rules={"magnitude_eps": "nonnegative", "eps_steps": "nonnegative", "acc_target": "fraction",
+                             "rel_error": "fraction"},
+                version=2))

@@ -7,7 +7,11 @@ What sharpness does across grokking is not settled, so the measures are computed
   (flatness = 1/σ*²);
 - ε-sharpness (Keskar et al. 2017): the worst rise of the loss inside a small box around the weights, found by
   projected gradient ascent;
-- the Hessian's dominant eigenvalue (power iteration) and its trace (Hutchinson's estimator).
+- the Hessian's top eigenvalue (Lanczos, with a residual bound) and its trace (Hutchinson's estimator, deflated by
+  the Lanczos vectors).
+
+Every sampled number comes with its standard error, and ``sharpness_metrics`` draws samples until each reaches a
+relative error target (5% by default) or a budget, so the sample counts follow the checkpoint, not a fixed guess.
 
 Conventions shared by every function here:
 
@@ -57,7 +61,11 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MAX_ROWS = 1024  # rows of the training split the sharpness measures use (None: all)
 SIGMA = 1e-2  # the fixed noise std of rand_loss_increase / rand_acc_drop (also where σ*'s bracket search starts)
 SIGMA_MAGNITUDE = 1e-1  # where the magnitude-aware σ* search starts: noise of 10% of each weight
-N_SAMPLES = 4  # noise draws per σ (the same draws at every σ: common random numbers)
+REL_ERROR = 0.05  # every sampled estimate is drawn until its standard error (or bound) is at most 5% of it ...
+N_SAMPLES = 4  # noise draws per σ to start with (the same draws at every σ: common random numbers) ...
+MAX_NOISE_SAMPLES = 32  # ... or until a budget runs out: noise draws,
+LANCZOS_ITERS = 30  # Hessian-vector products for λ_max (its Lanczos vectors also deflate the trace),
+MAX_HUTCHINSON_SAMPLES = 64  # and Rademacher vectors for the trace
 LOSS_TARGET = 0.1  # nats: σ*_loss keeps the mean loss rise below this (the right answer's probability ~ ×0.9)
 ACC_TARGET = 0.1  # σ*_acc keeps the accuracy drop below 0.1, as in Jiang et al. (2020)
 MAGNITUDE_EPS = 1e-3  # the noise floor ε of magnitude-aware noise, u_i ~ N(0, σ²w_i² + ε²) (Jiang et al.)
@@ -65,12 +73,30 @@ BOX_EPS = 1e-3  # ε of Keskar et al.'s box |y_i| <= ε(|x_i| + 1)
 
 
 class PerturbationEffect(NamedTuple):
-    """Mean effect of random weight perturbations on the training rows."""
+    """Mean effect of random weight perturbations on the training rows, with the standard errors of the means."""
 
     loss_increase: float
     """E_u[L(θ + u)] − L(θ), in nats."""
     acc_drop: float
     """acc(θ) − E_u[acc(θ + u)], a fraction of rows."""
+    loss_increase_se: float = math.nan
+    """Standard error of ``loss_increase`` over the draws: sd_k / √K (nan for one draw)."""
+    acc_drop_se: float = math.nan
+
+
+class Estimate(NamedTuple):
+    """A stochastic or iterative estimate with its error."""
+
+    value: float
+    error: float
+    """A standard error (sampled estimates) or a bound on the distance to the true value (Lanczos); nan when
+    there is no way to tell (one sample, an infinite value)."""
+    n: int
+    """Samples drawn or iterations run."""
+
+    @property
+    def relative_error(self) -> float:
+        return abs(self.error / self.value) if self.value not in (0.0,) and math.isfinite(self.value) else math.nan
 
 
 def trainable_parameters(model: torch.nn.Module) -> Params:
@@ -129,42 +155,72 @@ class _Objective:
             return vmap(self.loss_and_accuracy, chunk_size=vmap_chunk)(thetas)
 
 
-def _base_draws(theta: Params, n_samples: int, generator: torch.Generator) -> Params:
-    """z_k ~ N(0, I), k = 1..n_samples, one [n_samples, *shape] tensor per parameter, in θ's order."""
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be at least 1, got {n_samples}")
-    return {n: torch.randn((n_samples, *w.shape), generator=generator, device=w.device, dtype=w.dtype)
-            for n, w in theta.items()}
+class _Draws:
+    """z_k ~ N(0, I), k = 0, 1, ..., drawn one at a time from ``generator`` as they are first needed, so the first
+    K draws are the same whatever K a caller ends up using (more draws extend a sample, never reshuffle it)."""
+
+    def __init__(self, theta: Params, generator: torch.Generator):
+        self.theta, self.generator, self.z = theta, generator, []
+
+    def first(self, n: int) -> list[Params]:
+        if n < 1:
+            raise ValueError(f"n_samples must be at least 1, got {n}")
+        while len(self.z) < n:
+            self.z.append({name: torch.randn(w.shape, generator=self.generator, device=w.device, dtype=w.dtype)
+                           for name, w in self.theta.items()})
+        return self.z[:n]
+
+
+def _mean_and_se(values: torch.Tensor) -> tuple[float, float]:
+    n = len(values)
+    mean = values.mean().item()
+    return mean, (values.std().item() / math.sqrt(n) if n > 1 else math.nan)
 
 
 class _NoiseCurve:
-    """σ ↦ PerturbationEffect of u_k = s(σ) ⊙ z_k for fixed draws z_k, cached per σ.
+    """σ ↦ PerturbationEffect of u_k = s(σ) ⊙ z_k over the first ``n`` draws z_k, with the per-draw effects cached
+    per σ and per draw.
 
     s(σ) = σ (plain, u ~ N(0, σ²I)) or s(σ)_i = sqrt(σ²w_i² + ε²) (magnitude-aware). The same z_k serve every σ
     (common random numbers), so the curve is a deterministic function of σ and a bisection on it is consistent.
+    Raising ``n`` adds draws: only the new draws are evaluated at a σ seen before.
     """
 
-    def __init__(self, objective: _Objective, z: Params, magnitude_aware: bool, eps: float, vmap_chunk: int | None):
-        self.objective, self.z, self.magnitude_aware, self.eps, self.vmap_chunk = (
-            objective, z, magnitude_aware, eps, vmap_chunk)
+    def __init__(self, objective: _Objective, draws: _Draws, n: int, magnitude_aware: bool, eps: float,
+                 vmap_chunk: int | None):
+        self.objective, self.draws, self.n, self.magnitude_aware, self.eps, self.vmap_chunk = (
+            objective, draws, n, magnitude_aware, eps, vmap_chunk)
         with torch.no_grad():
             loss, acc = objective.loss_and_accuracy(objective.theta)
         self.base_loss, self.base_acc = loss.item(), acc.item()
-        self._cache: dict[float, PerturbationEffect] = {}
+        self._cache: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.evaluations = 0
+        """Perturbed forward passes run so far."""
 
     def _scale(self, w: torch.Tensor, sigma: float) -> torch.Tensor | float:
         if self.magnitude_aware:
             return torch.sqrt(sigma**2 * w.square() + self.eps**2)
         return sigma
 
-    def __call__(self, sigma: float) -> PerturbationEffect:
-        if sigma not in self._cache:
+    def per_draw(self, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss rise, accuracy drop) of each of the first n draws at σ, float64 [n] each."""
+        losses, accs = self._cache.get(sigma, (torch.empty(0, dtype=torch.float64),) * 2)
+        if len(losses) < self.n:
+            new = self.draws.first(self.n)[len(losses):]
             with torch.no_grad():
-                thetas = {n: w + self._scale(w, sigma) * self.z[n] for n, w in self.objective.theta.items()}
-                losses, accs = self.objective.many(thetas, self.vmap_chunk)
-            self._cache[sigma] = PerturbationEffect(losses.mean().item() - self.base_loss,
-                                                    self.base_acc - accs.mean().item())
-        return self._cache[sigma]
+                thetas = {name: torch.stack([w + self._scale(w, sigma) * z[name] for z in new])
+                          for name, w in self.objective.theta.items()}
+                new_losses, new_accs = self.objective.many(thetas, self.vmap_chunk)
+            self.evaluations += len(new)
+            losses = torch.cat([losses, new_losses.double().cpu() - self.base_loss])
+            accs = torch.cat([accs, self.base_acc - new_accs.double().cpu()])
+            self._cache[sigma] = (losses, accs)
+        return losses[: self.n], accs[: self.n]
+
+    def __call__(self, sigma: float) -> PerturbationEffect:
+        losses, accs = self.per_draw(sigma)
+        (loss, loss_se), (acc, acc_se) = _mean_and_se(losses), _mean_and_se(accs)
+        return PerturbationEffect(loss, acc, loss_se, acc_se)
 
 
 @flush_denormals()
@@ -181,16 +237,24 @@ def random_perturbation_sharpness(
     loss_fn: LossFn = answer_objective,
     vmap_chunk: int | None = None,
 ) -> PerturbationEffect:
-    """Mean loss rise and accuracy drop under Gaussian weight noise (Jiang et al. 2020), by Monte Carlo.
+    """Mean loss rise and accuracy drop under Gaussian weight noise (Jiang et al. 2020), by Monte Carlo, with the
+    standard errors of both means (sd over the draws / √K).
 
     loss_increase = (1/K) Σ_k L(θ + u_k) − L(θ),  acc_drop = acc(θ) − (1/K) Σ_k acc(θ + u_k),  K = n_samples,
     with u_k ~ N(0, σ²I) or, if ``magnitude_aware``, u_k,i ~ N(0, σ²θ_i² + ε²) (σ is a std, relative to |θ_i|).
-    The draws are u_k = s(σ) ⊙ z_k with z_k ~ N(0, I) from ``generator``, so the same seed gives the same z_k as
-    ``sigma_star`` uses. Either number can come out negative when the noise happens to help.
+    The draws are u_k = s(σ) ⊙ z_k with z_k ~ N(0, I) from ``generator``, drawn one after another, so the same
+    seed gives the same z_k as ``sigma_star`` uses. Either number can come out negative when the noise helps.
     """
     objective = _Objective(model, tokens, labels, loss_fn)
-    z = _base_draws(objective.theta, n_samples, generator)
-    return _NoiseCurve(objective, z, magnitude_aware, eps, vmap_chunk)(sigma)
+    draws = _Draws(objective.theta, generator)
+    return _NoiseCurve(objective, draws, n_samples, magnitude_aware, eps, vmap_chunk)(sigma)
+
+
+class _Bracket(NamedTuple):
+    lo: float
+    """The largest σ known to stay below the target (the answer); 0.0 when even sigma_min reaches it."""
+    hi: float
+    """The smallest σ known to reach it; inf when no σ <= sigma_max does."""
 
 
 def _bisect_sigma(
@@ -202,12 +266,13 @@ def _bisect_sigma(
     max_iter: int,
     sigma_min: float,
     sigma_max: float,
-) -> float:
-    """Largest σ with effect(σ) < target: a geometric bracket search from ``sigma_init``, then bisection in log σ.
+) -> _Bracket:
+    """The crossing of ``target`` by effect(σ): a geometric bracket search from ``sigma_init``, then bisection in
+    log σ.
 
-    Keeps effect(lo) < target <= effect(hi) and halves log(hi/lo) until hi/lo <= 1 + rtol or ``max_iter`` halvings;
-    returns lo (a σ known to stay below the target). inf if no σ <= sigma_max reaches the target, 0.0 if even
-    sigma_min does.
+    Keeps effect(lo) < target <= effect(hi) and halves log(hi/lo) until hi/lo <= 1 + rtol or ``max_iter`` halvings.
+    lo is the answer (a σ known to stay below the target); hi = inf if no σ <= sigma_max reaches the target, and
+    lo = 0.0 if even sigma_min does.
     """
     lo = hi = None
     sigma = sigma_init
@@ -216,7 +281,7 @@ def _bisect_sigma(
         while hi is None:
             sigma *= growth
             if sigma > sigma_max:
-                return math.inf
+                return _Bracket(math.inf, math.inf)
             if effect(sigma) < target:
                 lo = sigma
             else:
@@ -226,7 +291,7 @@ def _bisect_sigma(
         while lo is None:
             sigma /= growth
             if sigma < sigma_min:
-                return 0.0
+                return _Bracket(0.0, sigma * growth)
             if effect(sigma) < target:
                 lo = sigma
             else:
@@ -239,17 +304,23 @@ def _bisect_sigma(
             lo = mid
         else:
             hi = mid
-    return lo
+    return _Bracket(lo, hi)
 
 
-def _sigma_star_on(curve: _NoiseCurve, target: float, kind: str, **search) -> float:
+def _sigma_star_on(curve: _NoiseCurve, target: float, kind: str, **search) -> Estimate:
+    """σ* on the curve's current draws, with its standard error by the delta method: the effect's standard error
+    at σ* (over the draws) divided by the mean curve's slope there (its secant across the final bracket)."""
     if kind not in ("loss", "accuracy"):
         raise ValueError(f"sigma_star kind must be 'loss' or 'accuracy', got {kind!r}")
-    if kind == "accuracy":
-        if curve.base_acc < target:
-            return math.nan  # the accuracy cannot drop by more than it is: σ* is undefined
-        return _bisect_sigma(lambda s: curve(s).acc_drop, target, **search)
-    return _bisect_sigma(lambda s: curve(s).loss_increase, target, **search)
+    column = 0 if kind == "loss" else 1
+    if kind == "accuracy" and curve.base_acc < target:
+        return Estimate(math.nan, math.nan, curve.n)  # the accuracy cannot drop by more than it is: σ* undefined
+    bracket = _bisect_sigma(lambda s: curve(s)[column], target, **search)
+    if not 0 < bracket.lo < math.inf:
+        return Estimate(bracket.lo, math.nan, curve.n)
+    at_lo, at_hi = curve(bracket.lo), curve(bracket.hi)
+    slope = (at_hi[column] - at_lo[column]) / (bracket.hi - bracket.lo)  # > 0: the bracket straddles the target
+    return Estimate(bracket.lo, at_lo[column + 2] / slope, curve.n)
 
 
 @flush_denormals()
@@ -272,8 +343,9 @@ def sigma_star(
     sigma_max: float = 10.0,
     loss_fn: LossFn = answer_objective,
     vmap_chunk: int | None = None,
-) -> float:
-    """σ* = the largest σ whose mean effect stays below ``target`` (Jiang et al. 2020; flatness = 1/σ*²).
+) -> Estimate:
+    """σ* = the largest σ whose mean effect stays below ``target`` (Jiang et al. 2020; flatness = 1/σ*²), with
+    its standard error.
 
     The effect is ``random_perturbation_sharpness(σ).loss_increase`` (kind="loss") or ``.acc_drop``
     (kind="accuracy"; Jiang et al. use target 0.1), estimated on the same K = n_samples draws z_k for every σ
@@ -281,13 +353,15 @@ def sigma_star(
 
     Search: from ``sigma_init`` (default 1e-2, or 1e-1 for magnitude-aware noise, whose σ is relative), multiply
     or divide by ``growth`` until the target is bracketed, then bisect in log σ (at most ``max_iter`` times) until
-    hi/lo <= 1 + rtol; the answer is within a factor 1 + rtol below the crossing. Returns inf when no
-    σ <= sigma_max reaches the target, 0.0 when σ = sigma_min already does, and nan for kind="accuracy" when the
-    accuracy is below the target (it cannot drop that far).
+    hi/lo <= 1 + rtol; the value is within a factor 1 + rtol below the crossing. It is inf when no σ <= sigma_max
+    reaches the target, 0.0 when σ = sigma_min already does, and nan for kind="accuracy" when the accuracy is
+    below the target (it cannot drop that far); the error is then nan.
+
+    The error is the standard error of σ* as the draws vary, by the delta method: se(effect at σ*) / (slope of the
+    mean effect at σ*). It shrinks as 1/√K; the bisection's own tolerance (rtol) is separate.
     """
     objective = _Objective(model, tokens, labels, loss_fn)
-    curve = _NoiseCurve(objective, _base_draws(objective.theta, n_samples, generator), magnitude_aware, eps,
-                        vmap_chunk)
+    curve = _NoiseCurve(objective, _Draws(objective.theta, generator), n_samples, magnitude_aware, eps, vmap_chunk)
     if sigma_init is None:
         sigma_init = SIGMA_MAGNITUDE if magnitude_aware else SIGMA
     return _sigma_star_on(curve, target, kind, sigma_init=sigma_init, growth=growth, rtol=rtol, max_iter=max_iter,
@@ -364,36 +438,95 @@ class _HessianVectorProduct:
         return [torch.zeros_like(w) if h is None else h.detach() for w, h in zip(self.leaves, hv)]
 
 
-def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return sum((x.double() * y.double()).sum() for x, y in zip(a, b)).item()
+def _flat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The parts as one float64 vector (the Krylov arithmetic runs in float64 whatever the model's dtype)."""
+    return torch.cat([t.reshape(-1).to(torch.float64) for t in parts])
 
 
-def _power_iteration(hvp: _HessianVectorProduct, iters: int, generator: torch.Generator, tol: float) -> float:
-    v = [torch.randn(w.shape, generator=generator, device=w.device, dtype=w.dtype) for w in hvp.leaves]
-    norm = math.sqrt(_dot(v, v))
-    v = [x / norm for x in v]
-    eigenvalue = 0.0
-    for i in range(iters):
-        hv = hvp(v)
-        rayleigh = _dot(v, hv)  # vᵀHv with ‖v‖ = 1
-        norm = math.sqrt(_dot(hv, hv))
-        converged = i > 0 and abs(rayleigh - eigenvalue) <= tol * abs(rayleigh)
-        eigenvalue = rayleigh
-        if norm == 0.0 or converged:
+def _unflat(vector: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    parts = torch.split(vector, [w.numel() for w in like])
+    return [part.view(w.shape).to(w.dtype) for part, w in zip(parts, like)]
+
+
+class _Krylov(NamedTuple):
+    top: Estimate
+    """The largest Ritz value, its residual bound (some eigenvalue of H lies within it) and the iterations."""
+    basis: torch.Tensor
+    """[m, n_params] orthonormal Lanczos vectors q_1..q_m (float64)."""
+    diagonal_sum: float
+    """Σ_i q_iᵀ H q_i = tr(Qᵀ H Q), the trace of H on the basis's span."""
+
+
+def _lanczos(hvp: _HessianVectorProduct, max_iters: int, generator: torch.Generator, rel_tol: float) -> _Krylov:
+    """Lanczos with full reorthogonalization from q_1 ~ N(0, I) (normalized), on the flattened parameters.
+
+    After m steps the tridiagonal T_m = Q_mᵀ H Q_m has Ritz values θ_1 <= ... <= θ_m; the largest, θ_m, never
+    exceeds λ_max, and some eigenvalue of H lies within its residual r = β_m |s_m[m]| (s_m: θ_m's eigenvector of
+    T_m, β_m the next off-diagonal). Stops when r <= rel_tol · |θ_m|, after ``max_iters`` steps, or when the Krylov
+    space is invariant (β_m ≈ 0, r = 0: the Ritz values are then eigenvalues). Unlike power iteration, whose error
+    falls as (λ_2/λ_1)^t and stalls when λ_1 ≈ λ_2, Lanczos resolves close top eigenvalues in a few steps more.
+    """
+    like = hvp.leaves
+    n = sum(w.numel() for w in like)
+    device = like[0].device
+    m_max = max(1, min(max_iters, n))
+    basis = torch.zeros(m_max, n, dtype=torch.float64, device=device)
+    q = _flat([torch.randn(w.shape, generator=generator, device=device, dtype=w.dtype) for w in like])
+    basis[0] = q / q.norm()
+    alphas: list[float] = []
+    betas: list[float] = []
+    top = Estimate(0.0, math.inf, 0)
+    for j in range(m_max):
+        w = _flat(hvp(_unflat(basis[j], like)))
+        alphas.append(float(basis[j] @ w))
+        for _ in range(2):  # full reorthogonalization, twice ("twice is enough"): no spurious copies of Ritz values
+            w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
+        beta = float(w.norm())
+        t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            t += torch.diag(off, 1) + torch.diag(off, -1)
+        theta, s = torch.linalg.eigh(t)
+        scale = float(theta.abs().max())
+        invariant = beta <= 1e-10 * max(scale, 1e-300) or j + 1 == n
+        top = Estimate(float(theta[-1]), 0.0 if invariant else beta * float(s[-1, -1].abs()), j + 1)
+        if invariant or top.error <= rel_tol * abs(top.value) or j + 1 == m_max:
             break
-        v = [x / norm for x in hv]
-    return eigenvalue
+        basis[j + 1] = w / beta
+        betas.append(beta)
+    return _Krylov(top, basis[: top.n], sum(alphas))
 
 
-def _hutchinson(hvp: _HessianVectorProduct, n_samples: int, generator: torch.Generator) -> float:
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be at least 1, got {n_samples}")
-    total = 0.0
-    for _ in range(n_samples):
-        z = [torch.randint(0, 2, w.shape, generator=generator, device=w.device).to(w.dtype) * 2 - 1
-             for w in hvp.leaves]
-        total += _dot(z, hvp(z))
-    return total / n_samples
+def _rademacher(like: list[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    return _flat([torch.randint(0, 2, w.shape, generator=generator, device=w.device) for w in like]) * 2 - 1
+
+
+def _hutchinson(hvp: _HessianVectorProduct, generator: torch.Generator, *, rel_error: float, min_samples: int,
+                max_samples: int, krylov: _Krylov | None = None) -> Estimate:
+    """tr H ≈ tr(QᵀHQ) + (1/K) Σ_k z_kᵀ P H P z_k with Rademacher z_k and P = I − QᵀQ projecting out an orthonormal
+    basis Q (rows; none: plain Hutchinson), with the standard error of the mean over the K samples.
+
+    Unbiased for any Q chosen independently of the z_k: E[zᵀPHPz] = tr(PHP) = tr H − tr(QᵀHQ). With Q the Lanczos
+    vectors the top eigendirections are taken exactly and only the rest is sampled, whose variance
+    (≈ 2‖PHP‖_F² per sample) is smaller where a few large eigenvalues dominate H. Samples are drawn until
+    K >= min_samples and se <= rel_error · |estimate|, or K = max_samples (rel_error = 0: always max_samples).
+    """
+    if min_samples < 1 or max_samples < 1:
+        raise ValueError(f"Hutchinson needs at least 1 sample, got min {min_samples}, max {max_samples}")
+    like = hvp.leaves
+    known = krylov.diagonal_sum if krylov is not None else 0.0
+    values: list[float] = []
+    while True:
+        z = _rademacher(like, generator)
+        if krylov is not None:
+            z = z - krylov.basis.T @ (krylov.basis @ z)
+        values.append(float(z @ _flat(hvp(_unflat(z, like)))))
+        mean, se = _mean_and_se(torch.tensor(values, dtype=torch.float64))
+        if len(values) >= max_samples:
+            break
+        if len(values) >= min_samples and se <= rel_error * abs(known + mean):
+            break
+    return Estimate(known + mean, se, len(values))
 
 
 @flush_denormals()
@@ -406,16 +539,16 @@ def hessian_top_eigenvalue(
     generator: torch.Generator,
     tol: float = 1e-4,
     loss_fn: LossFn = answer_objective,
-) -> float:
-    """The dominant eigenvalue λ (largest |λ|, with its sign) of H = ∇²_θ L, by power iteration.
+) -> Estimate:
+    """The largest eigenvalue λ_max of H = ∇²_θ L by Lanczos (``_lanczos``), with a bound on its error.
 
-    v_0 ~ N(0, I) from ``generator``; v_{t+1} = H v_t / ‖H v_t‖; λ_t = v_tᵀ H v_t (the Rayleigh quotient). Stops
-    after ``iters`` products or when |λ_t − λ_{t−1}| <= tol · |λ_t|. Near a minimum H is close to positive
-    semi-definite and λ is the top (sharpest) eigenvalue; at a saddle it may be a large negative one. Each product
-    is a double backward through one retained gradient graph.
+    value: the largest Ritz value (<= λ_max); error: its residual norm, within which some eigenvalue of H lies
+    (0 once the Krylov space is invariant); n: Hessian-vector products used, at most ``iters``, fewer when the
+    error falls below ``tol`` · |value|. Each product is a double backward through one retained gradient graph.
+    Near a minimum H is close to positive semi-definite and λ_max is the sharpest curvature.
     """
     objective = _Objective(model, tokens, labels, loss_fn)
-    return _power_iteration(_HessianVectorProduct(objective), iters, generator, tol)
+    return _lanczos(_HessianVectorProduct(objective), iters, generator, tol).top
 
 
 @flush_denormals()
@@ -423,17 +556,27 @@ def hessian_trace(
     model: torch.nn.Module,
     tokens: Int[torch.Tensor, "batch pos"],
     labels: Int[torch.Tensor, " batch"],
-    n_samples: int = 16,
+    max_samples: int = 64,
     *,
     generator: torch.Generator,
+    rel_error: float = 0.05,
+    min_samples: int = 4,
+    deflate: int = 0,
     loss_fn: LossFn = answer_objective,
-) -> float:
-    """tr H ≈ (1/K) Σ_k z_kᵀ H z_k with Rademacher z_k (entries ±1), K = n_samples (Hutchinson).
+) -> Estimate:
+    """tr H by Hutchinson's estimator with Rademacher vectors, drawn until the standard error is at most
+    ``rel_error`` of the estimate (after ``min_samples``) or ``max_samples`` are drawn; value, standard error, samples.
 
-    Unbiased, with variance 2 Σ_{i≠j} H_ij² per sample (exact for a diagonal H).
+    ``deflate`` > 0 first runs up to that many Lanczos steps (from the same generator) and samples only the
+    trace outside their span (``_hutchinson``). Plain Hutchinson is unbiased with variance 2 Σ_{i≠j} H_ij² per
+    sample (exact for a diagonal H).
     """
     objective = _Objective(model, tokens, labels, loss_fn)
-    return _hutchinson(_HessianVectorProduct(objective), n_samples, generator)
+    hvp = _HessianVectorProduct(objective)
+    krylov = _lanczos(hvp, deflate, generator, 0.0) if deflate > 0 else None
+    return _hutchinson(hvp, generator, rel_error=rel_error, min_samples=min_samples, max_samples=max_samples,
+                       krylov=krylov)
+
 
 
 @flush_denormals()
@@ -441,21 +584,23 @@ def sharpness_metrics(
     ckpt: Checkpoint,
     *,
     max_rows: int | None = MAX_ROWS,
+    rel_error: float = REL_ERROR,
     sigma: float = SIGMA,
     n_samples: int = N_SAMPLES,
+    max_samples: int = MAX_NOISE_SAMPLES,
     loss_target: float = LOSS_TARGET,
     acc_target: float = ACC_TARGET,
     magnitude_eps: float = MAGNITUDE_EPS,
-    sigma_rtol: float = 0.05,
+    sigma_rtol: float = 0.02,
     eps: float = BOX_EPS,
     eps_steps: int = 5,
     eps_lr: float = 2.0,
-    hessian_iters: int = 10,
-    hessian_tol: float = 1e-2,
+    lanczos_iters: int = LANCZOS_ITERS,
     hutchinson_samples: int = 4,
+    max_hutchinson_samples: int = MAX_HUTCHINSON_SAMPLES,
     vmap_chunk: int | None = None,
 ) -> dict[str, float]:
-    """Every sharpness measure of one checkpoint, on its training split.
+    """Every sharpness measure of one checkpoint, on its training split, each sampled estimate with its error.
 
     ``train_loss`` and ``train_acc`` use the whole training split. The sharpness columns use ``n_rows`` of its rows:
     all of them, or ``max_rows`` chosen by a generator seeded with ``ckpt.seed`` alone, so every step of a run is
@@ -463,14 +608,21 @@ def sharpness_metrics(
 
     - ``rand_loss_increase``, ``rand_acc_drop``: Gaussian noise N(0, σ²I) at the fixed σ = ``sigma``;
     - ``sigma_star_loss``, ``sigma_star_acc``: σ* for a mean loss rise of ``loss_target`` nats and an accuracy drop
-      of ``acc_target``, on the same ``n_samples`` draws as the two above, found to within ×(1 + sigma_rtol);
+      of ``acc_target``, on the same draws as the two above, bisected to within ×(1 + sigma_rtol);
     - ``sigma_star_loss_magnitude``: σ* of the loss for magnitude-aware noise N(0, σ²θ_i² + ε²), same draws;
-    - ``eps_sharpness``: Keskar et al.'s φ (percent) for the box ε(|θ_i| + 1), ``eps_steps`` ascent steps from 0;
-    - ``hessian_top_eig``: power iteration, at most ``hessian_iters`` products, relative tolerance ``hessian_tol``;
-    - ``hessian_trace``: Hutchinson with ``hutchinson_samples`` Rademacher vectors.
+    - ``noise_draws``: the draws all five used: ``n_samples`` at first, doubled until every finite σ*'s standard
+      error is at most ``rel_error`` of it, or ``max_samples``;
+    - ``eps_sharpness``: Keskar et al.'s φ (percent) for the box ε(|θ_i| + 1), ``eps_steps`` ascent steps from 0
+      (deterministic: a lower bound of the maximum, no sampling error);
+    - ``hessian_top_eig``: λ_max by Lanczos, until its residual bound ``hessian_top_eig_err`` is at most
+      ``rel_error`` of it or ``lanczos_iters`` steps (``hessian_lanczos_iters``);
+    - ``hessian_trace``: the trace on the Lanczos vectors' span plus Hutchinson outside it, Rademacher vectors drawn
+      from ``hutchinson_samples`` until the standard error is at most ``rel_error`` of the trace or
+      ``max_hutchinson_samples`` (``hessian_trace_samples``);
+    - ``error_targets_met``: 1 when every estimate above reached ``rel_error``, 0 when a budget ran out first.
 
-    Randomness: ``ckpt.generator(1)`` draws the noise, ``(2)`` the power iteration's start, ``(3)`` the
-    Hutchinson vectors.
+    Each ``X`` sampled has ``X_se``, its standard error; ``hessian_top_eig_err`` is a bound, not a standard error.
+    Randomness: ``ckpt.generator(1)`` draws the noise, ``(2)`` the Lanczos start, ``(3)`` the Hutchinson vectors.
     """
     model = ckpt.model
     tokens, labels = ckpt.train_tokens, ckpt.train_labels
@@ -485,22 +637,40 @@ def sharpness_metrics(
     row["n_rows"] = float(len(labels))
 
     objective = _Objective(model, tokens, labels, answer_objective)
-    z = _base_draws(objective.theta, n_samples, ckpt.generator(1))
-    plain = _NoiseCurve(objective, z, False, magnitude_eps, vmap_chunk)
-    magnitude = _NoiseCurve(objective, z, True, magnitude_eps, vmap_chunk)
+    draws = _Draws(objective.theta, ckpt.generator(1))
+    n = min(n_samples, max_samples)
+    plain = _NoiseCurve(objective, draws, n, False, magnitude_eps, vmap_chunk)
+    magnitude = _NoiseCurve(objective, draws, n, True, magnitude_eps, vmap_chunk)
     search = dict(growth=2.0, rtol=sigma_rtol, max_iter=14, sigma_min=1e-6, sigma_max=10.0)
+    while True:
+        # both plain searches start at σ, so they share its evaluation and their first brackets (the curve caches);
+        # more draws re-run the searches, evaluating only the new draws at a σ seen before
+        stars = {"sigma_star_loss": _sigma_star_on(plain, loss_target, "loss", sigma_init=sigma, **search),
+                 "sigma_star_acc": _sigma_star_on(plain, acc_target, "accuracy", sigma_init=sigma, **search),
+                 "sigma_star_loss_magnitude": _sigma_star_on(magnitude, loss_target, "loss",
+                                                             sigma_init=SIGMA_MAGNITUDE, **search)}
+        noise_met = all(not e.relative_error > rel_error for e in stars.values())  # nan (σ* = 0, inf): no error
+        if noise_met or n >= max_samples:
+            break
+        n = plain.n = magnitude.n = min(2 * n, max_samples)
     at_sigma = plain(sigma)
-    row["rand_loss_increase"], row["rand_acc_drop"] = at_sigma.loss_increase, at_sigma.acc_drop
-    # both plain searches start at σ, so they share its evaluation and their first brackets (the curve caches)
-    row["sigma_star_loss"] = _sigma_star_on(plain, loss_target, "loss", sigma_init=sigma, **search)
-    row["sigma_star_acc"] = _sigma_star_on(plain, acc_target, "accuracy", sigma_init=sigma, **search)
-    row["sigma_star_loss_magnitude"] = _sigma_star_on(magnitude, loss_target, "loss", sigma_init=SIGMA_MAGNITUDE,
-                                                      **search)
+    row["rand_loss_increase"], row["rand_loss_increase_se"] = at_sigma.loss_increase, at_sigma.loss_increase_se
+    row["rand_acc_drop"], row["rand_acc_drop_se"] = at_sigma.acc_drop, at_sigma.acc_drop_se
+    for name, estimate in stars.items():
+        row[name], row[f"{name}_se"] = estimate.value, estimate.error
+    row["noise_draws"] = float(n)
 
     row["eps_sharpness"] = epsilon_sharpness(model, tokens, labels, eps, eps_steps, eps_lr)
     hvp = _HessianVectorProduct(objective)
-    row["hessian_top_eig"] = _power_iteration(hvp, hessian_iters, ckpt.generator(2), hessian_tol)
-    row["hessian_trace"] = _hutchinson(hvp, hutchinson_samples, ckpt.generator(3))
+    krylov = _lanczos(hvp, lanczos_iters, ckpt.generator(2), rel_error)
+    row["hessian_top_eig"], row["hessian_top_eig_err"] = krylov.top.value, krylov.top.error
+    row["hessian_lanczos_iters"] = float(krylov.top.n)
+    trace = _hutchinson(hvp, ckpt.generator(3), rel_error=rel_error, min_samples=min(hutchinson_samples,
+                        max_hutchinson_samples), max_samples=max_hutchinson_samples, krylov=krylov)
+    row["hessian_trace"], row["hessian_trace_se"] = trace.value, trace.error
+    row["hessian_trace_samples"] = float(trace.n)
+    met = noise_met and not krylov.top.relative_error > rel_error and not trace.relative_error > rel_error
+    row["error_targets_met"] = float(met)
     log.debug("step %d: sharpness %s (noise evaluations: plain %d, magnitude %d)", ckpt.step, row,
-              len(plain._cache), len(magnitude._cache))
+              plain.evaluations, magnitude.evaluations)
     return row
