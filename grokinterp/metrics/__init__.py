@@ -16,6 +16,7 @@ from grokinterp.metrics.base import Checkpoint
 from grokinterp.metrics.fourier import circle_metrics, circle_points, embedding_key_frequencies, fourier_metrics
 from grokinterp.metrics.sharpness import sharpness_metrics
 from grokinterp.metrics.sn import coset_metrics, coset_points, irrep_metrics
+from grokinterp.metrics.stability import softmax_collapse_metrics
 from grokinterp.metrics.weights import weight_norm_metrics
 
 
@@ -73,3 +74,6 @@ register(Metric("sharpness", sharpness_metrics, "training-loss sharpness under w
                 param_rules={"magnitude_eps": "nonnegative", "eps_steps": "nonnegative", "acc_target": "fraction",
                              "rel_error": "fraction"},
                 version=2))
+register(Metric("softmax-collapse", softmax_collapse_metrics, "share of training rows whose float32/float64 "
+                "softmax gives the correct class probability exactly 1, share of exactly-zero gradient entries, mean "
+                "logit norm and margin (Prieto et al. 2025)", version=1))
