@@ -30,7 +30,7 @@ from grokinterp.errors import AnalysisError
 from grokinterp.metrics import METRICS, Metric
 from grokinterp.metrics.base import Checkpoint
 from grokinterp.metrics.phases import Phases, phases_from_log
-from grokinterp.plots import metric_figure, points_figure, training_figure
+from grokinterp.plots import llc_calibration_figure, metric_figure, points_figure, training_figure
 from grokinterp.sweep import MANIFEST_FILE
 from grokinterp.tasks import OPERATIONS
 
@@ -61,13 +61,19 @@ def get_metric(name: str, run: Run) -> Metric:
     if family not in metric.families:
         raise AnalysisError(f"metric {name!r} applies to {'/'.join(metric.families)} tasks, but run {run.name} "
                             f"is {run.config.task.op} ({family}); choose another metric")
+    if metric.ops is not None and run.config.task.op not in metric.ops:
+        formulas = ", ".join(OPERATIONS[op].formula for op in metric.ops)
+        raise AnalysisError(f"metric {name!r} applies to {formulas} only, but run {run.name} is "
+                            f"{run.config.task.op} ({OPERATIONS[run.config.task.op].formula}); choose another metric")
     return metric
 
 
 def metrics_for(run: Run) -> list[str]:
-    """Every registered metric that applies to the run's task."""
+    """Every registered metric that applies to the run's task and runs with ``--metric all`` (``Metric.in_all``)."""
     family = run.config.task.family
-    return [name for name, m in METRICS.items() if family in m.families]
+    op = run.config.task.op
+    return [name for name, m in METRICS.items()
+            if family in m.families and (m.ops is None or op in m.ops) and m.in_all]
 
 
 def select_steps(available: list[int], spec: str | None) -> list[int]:
@@ -452,3 +458,83 @@ def report(run: Run, out_root: str | os.PathLike = DEFAULT_ANALYSES) -> Path:
     path = out / "report.html"
     _write_html(figures, path, header=header)
     return path
+
+
+@dataclass
+class LLCCalibration:
+    summary: pd.DataFrame
+    """One row per (step_size, nbeta): llc, llc_se, drift, diverged, the chains' estimates."""
+    csv_path: Path
+    traces_path: Path
+    html_path: Path
+
+
+def calibrate_llc(
+    run: Run,
+    step: int | None = None,
+    *,
+    step_sizes: list[float],
+    nbetas: list[float] | None = None,
+    out_root: str | os.PathLike = DEFAULT_ANALYSES,
+    device: str = "cpu",
+    seed: int = 0,
+    params: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> LLCCalibration:
+    """Run the LLC estimator at one checkpoint (default: the last) for every step size ε × nβ (default: nβ of
+    ``default_nbeta``), with the ``llc`` metric's other parameters (``params`` overrides them, checked as for
+    ``analyze``). Writes ``llc_calibration.csv`` (λ̂, se, drift, divergence per setting),
+    ``llc_calibration_traces.csv`` (every chain's running λ̂ trace) and ``llc_calibration.html`` under the run's
+    analysis folder. Pick the setting whose traces are flat after the burn-in, then pass it to
+    ``analyze(run, "llc", params={"step_size": ..., "nbeta": ...})``."""
+    from grokinterp.metrics.llc import _rows, default_nbeta, estimate_llc
+
+    metric = get_metric("llc", run)
+    overrides = dict(params or {})
+    for fixed in ("step_size", "nbeta"):
+        if fixed in overrides:
+            raise AnalysisError(f"calibrate-llc sweeps {fixed}; give it as a list of values, not as --param")
+    for name, values in (("step size", step_sizes), ("nbeta", nbetas or [])):
+        if any(not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0) for v in values):
+            raise AnalysisError(f"every {name} must be a positive number, got {values}")
+    if not step_sizes:
+        raise AnalysisError("give at least one step size, e.g. 1e-5,1e-4,1e-3")
+    effective = effective_params(metric, overrides=overrides)
+    available = run.steps
+    if not available:
+        raise AnalysisError(f"run {run.name} has no checkpoints yet")
+    step = available[-1] if step is None else step
+    if step not in available:
+        near = min(available, key=lambda s: abs(s - step))
+        raise AnalysisError(f"step {step} has no checkpoint; the nearest is {near}")
+    data = run.data.to(device)
+    ckpt = Checkpoint(step=step, model=run.model(step, device=device), data=data, config=run.config, seed=seed)
+    tokens, labels = _rows(ckpt, effective["max_rows"])
+    nbetas = nbetas or [default_nbeta(len(labels))]
+    settings = [(eps, nbeta) for nbeta in nbetas for eps in sorted(step_sizes)]
+    chain_params = {k: effective[k] for k in ("gamma", "n_chains", "n_draws", "n_burnin", "batch_size")}
+    rows, traces = [], []
+    bar = _bar(progress, len(settings), f"{run.name} llc calibration at step {step}")
+    for eps, nbeta in settings:
+        est = estimate_llc(ckpt.model, tokens, labels, generator=ckpt.generator(4), step_size=eps, nbeta=nbeta,
+                           **chain_params)
+        rows.append({"step": step, "step_size": eps, "nbeta": nbeta, "llc": est.value, "llc_se": est.se,
+                     "drift": est.drift, "diverged": est.diverged, "init_loss": est.init_loss, **chain_params,
+                     **{f"llc_chain{c}": v for c, v in enumerate(est.per_chain)}})
+        running = nbeta * (est.traces - est.init_loss)
+        traces += [{"step_size": eps, "nbeta": nbeta, "chain": c, "draw": t, "llc_trace": float(running[c, t])}
+                   for c in range(running.shape[0]) for t in range(running.shape[1])]
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    summary, trace_table = pd.DataFrame(rows), pd.DataFrame(traces)
+    out = analysis_dir(run, out_root)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, traces_path, html_path = (out / "llc_calibration.csv", out / "llc_calibration_traces.csv",
+                                        out / "llc_calibration.html")
+    write_text_atomic(csv_path, summary.to_csv(index=False))
+    write_text_atomic(traces_path, trace_table.to_csv(index=False))
+    title = f"{run.name}: LLC calibration at step {step} ({_describe_params(chain_params)})"
+    _write_html([llc_calibration_figure(title, summary, trace_table)], html_path)
+    return LLCCalibration(summary, csv_path, traces_path, html_path)

@@ -53,6 +53,18 @@ def _typed(kind: type, flag: str):
     return convert
 
 
+def _number_list(flag: str):
+    def convert(text: str) -> list[float]:
+        try:
+            return [float(item) for item in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes numbers separated by commas, e.g. 1e-5,1e-4; got "
+                                             f"{text!r}") from None
+
+    convert.__name__ = "numbers"
+    return convert
+
+
 def _seed(text: str) -> int:
     seed = _typed(int, "--seed")(text)
     if not 0 <= seed <= MAX_SEED:
@@ -67,11 +79,14 @@ def _metric_catalogue() -> str:
     from grokinterp.analyze import metric_parameters
     from grokinterp.metrics import METRICS
 
-    lines = ["metrics (--metric NAME, or all for every metric of the run's task):"]
+    lines = ["metrics (--metric NAME, or all for every metric of the run's task but the slow llc):"]
     width = max(len(name) for name in METRICS) + 4
     for name, metric in METRICS.items():
-        text = metric.description + ("" if metric.families == ("mod", "perm") else
-                                     f" [{'/'.join(metric.families)} tasks]")
+        if metric.ops is not None:
+            text = metric.description + f" [{', '.join(OPERATIONS[op].formula for op in metric.ops)} only]"
+        else:
+            text = metric.description + ("" if metric.families == ("mod", "perm") else
+                                         f" [{'/'.join(metric.families)} tasks]")
         params = metric_parameters(metric)
         if params:
             text += "; --param " + ", ".join(params)
@@ -132,6 +147,26 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--skip-corrupt", action="store_true",
                          help="skip unreadable checkpoints with a warning instead of stopping")
     analyze.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    calibrate = sub.add_parser(
+        "calibrate-llc", help="try SGLD step sizes and nβ for the llc metric at one checkpoint; traces as a figure",
+        description="Estimate the local learning coefficient at one checkpoint for every step size x nβ; write "
+                    "analyses/<run>/llc_calibration.csv, _traces.csv and .html. Choose the setting whose traces are "
+                    "flat after the burn-in, then: grokinterp analyze RUN --metric llc --param step_size=E "
+                    "--param nbeta=B.")
+    calibrate.add_argument("run", help="run directory (or name under checkpoints/)")
+    calibrate.add_argument("--step", type=_typed(int, "--step"), default=None,
+                           help="checkpoint to calibrate at (default: the last)")
+    calibrate.add_argument("--step-sizes", type=_number_list("--step-sizes"), default=[1e-5, 3e-5, 1e-4, 3e-4],
+                           help="SGLD step sizes ε, comma separated (default 1e-5,3e-5,1e-4,3e-4)")
+    calibrate.add_argument("--nbetas", type=_number_list("--nbetas"), default=None,
+                           help="values of nβ, comma separated (default: n/log n for the n rows used)")
+    calibrate.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                           help="another llc parameter (gamma, n_chains, n_draws, n_burnin, batch_size, max_rows)")
+    calibrate.add_argument("--out", default="analyses", help="folder for analysis outputs (default %(default)s)")
+    calibrate.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
+    calibrate.add_argument("--seed", type=_seed, default=0, help="seed of the chains")
+    calibrate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     report = sub.add_parser("report", help="one HTML page with every computed metric of a run")
     report.add_argument("run", help="run directory (or name under checkpoints/)")
@@ -621,6 +656,22 @@ def _metric_params(names: list[str], items: list[tuple[str, str]]) -> dict[str, 
     return params
 
 
+def cmd_calibrate_llc(args: argparse.Namespace) -> int:
+    from grokinterp.analyze import calibrate_llc
+    from grokinterp.trainer import resolve_device
+
+    run = load_run(args.run)
+    params = _metric_params(["llc"], _param_items(args.param))["llc"]
+    result = calibrate_llc(run, args.step, step_sizes=args.step_sizes, nbetas=args.nbetas, out_root=args.out,
+                           device=str(resolve_device(args.device)), seed=args.seed, params=params,
+                           progress=not args.no_progress)
+    for row in result.summary.itertuples():
+        state = "diverged" if row.diverged else f"llc {row.llc:.4g} ± {row.llc_se:.2g}, drift {row.drift:+.2f}"
+        print(f"step size {row.step_size:g}, nbeta {row.nbeta:.4g}: {state}")
+    print(f"-> {result.csv_path}, {result.html_path}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from grokinterp.analyze import report
 
@@ -642,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
         commands = {"train": cmd_train, "analyze": cmd_analyze, "report": cmd_report, "runs": cmd_runs,
-                    "sweep": cmd_sweep, "plot": cmd_plot}
+                    "sweep": cmd_sweep, "plot": cmd_plot, "calibrate-llc": cmd_calibrate_llc}
         return commands[args.command](args)
     except (UsageError, GrokinterpError) as err:
         _print_error(str(err))

@@ -22,12 +22,17 @@ CHANCE_SUFFIX = "_chance"
 column that starts with ``PREFIX_``."""
 
 
+CHAIN_PATTERN = r"(.+)_chain(\d+)"
+"""Columns ``X_chain0``, ``X_chain1``, ... (one estimate per chain) are drawn as faint markers on X's panel."""
+
+
 def _is_annotation(col: str, table: pd.DataFrame) -> bool:
     """Error and chance columns that decorate another column's panel instead of getting their own."""
     for suffix in ERROR_SUFFIXES:
         if col.endswith(suffix) and col[: -len(suffix)] in table.columns:
             return True
-    return CHANCE_SUFFIX in col
+    chain = re.fullmatch(CHAIN_PATTERN, col)
+    return CHANCE_SUFFIX in col or (chain is not None and chain.group(1) in table.columns)
 
 
 def _series_groups(table: pd.DataFrame) -> tuple[list[str], dict[str, list[str]]]:
@@ -94,6 +99,9 @@ def metric_figure(title: str, table: pd.DataFrame, log: pd.DataFrame, phases: Ph
                                  error_y=None if error is None else {"type": "data", "array": error, "thickness": 1}),
                       row=i, col=1)
         _add_chance(fig, data, col, row=i)
+        for chain in (c for c in data.columns if re.fullmatch(CHAIN_PATTERN, c) and c.rsplit("_chain", 1)[0] == col):
+            fig.add_trace(go.Scatter(x=data["step"], y=data[chain], name=chain, mode="markers", showlegend=False,
+                                     marker={"size": 3, "color": "rgba(120,120,120,0.5)"}), row=i, col=1)
     for i, (family, cols) in enumerate(families.items(), start=2 + len(lines)):
         ks = [int(c[len(family):]) for c in cols]
         fig.add_trace(go.Heatmap(x=data["step"], y=ks, z=data[cols].to_numpy().T, colorscale="Viridis",
@@ -290,4 +298,34 @@ def sweep_figure(kind: str, name: str, table: pd.DataFrame) -> go.Figure:
     else:
         raise ValueError(f"unknown sweep figure {kind!r}")
     fig.update_layout(title=title, height=520, template="plotly_white", barmode="group")
+    return fig
+
+
+def llc_calibration_figure(title: str, summary: pd.DataFrame, traces: pd.DataFrame) -> go.Figure:
+    """LLC calibration: λ̂ ± se against the step size ε for each nβ (top), then the running λ̂ trace
+    nβ·(L_B(w_t) − L(w*)) of every chain for each (ε, nβ), the burn-in shaded; a usable setting's traces are flat
+    after the burn-in, neither climbing nor diverging."""
+    settings = list(summary[["step_size", "nbeta"]].itertuples(index=False, name=None))
+    cols = max(1, len({e for e, _ in settings}))
+    trace_rows = math.ceil(len(settings) / cols)
+    fig = make_subplots(rows=1 + trace_rows, cols=cols, vertical_spacing=0.08,
+                        specs=[[{"colspan": cols}] + [None] * (cols - 1)] + [[{}] * cols for _ in range(trace_rows)],
+                        subplot_titles=["λ̂ ± se against the step size", *(
+                            f"ε={e:g}, nβ={b:.4g}" + (" (diverged)" if d else f": λ̂={v:.3g}±{se:.2g}")
+                            for (e, b), v, se, d in zip(settings, summary["llc"], summary["llc_se"],
+                                                        summary["diverged"]))])
+    for nbeta, group in summary.groupby("nbeta"):
+        fig.add_trace(go.Scatter(x=group["step_size"], y=group["llc"], name=f"nβ={nbeta:.4g}", mode="lines+markers",
+                                 error_y={"type": "data", "array": group["llc_se"]}), row=1, col=1)
+    fig.update_xaxes(type="log", title_text="step size ε", row=1, col=1)
+    burnin = int(summary["n_burnin"].iloc[0]) if len(summary) else 0
+    for k, (eps, nbeta) in enumerate(settings):
+        r, c = 2 + k // cols, 1 + k % cols
+        sel = traces[(traces["step_size"] == eps) & (traces["nbeta"] == nbeta)]
+        for chain, rows in sel.groupby("chain"):
+            fig.add_trace(go.Scatter(x=rows["draw"], y=rows["llc_trace"], mode="lines", line={"width": 1},
+                                     name=f"chain {chain}", showlegend=False), row=r, col=c)
+        if burnin:
+            fig.add_vrect(x0=0, x1=burnin, fillcolor="rgba(0,0,0,0.06)", line_width=0, row=r, col=c)
+    fig.update_layout(title=title, height=320 + 220 * trace_rows, template="plotly_white")
     return fig

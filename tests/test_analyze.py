@@ -329,7 +329,7 @@ def test_params_from_the_command_line_are_typed_and_key_the_cached_rows(tiny_run
     ("circles", "key_freqs=9", "metric 'circles': key_freqs must lie in 1..5 (p = 11), got [9]"),
     ("circles", "key_freqs=0", "metric 'circles': key_freqs must be > 0, got [0]"),
     ("fourier", "sigma=1", "--param sigma: no metric here takes it (fourier); their parameters: key_freqs"),
-    ("all", "n_draws=3", "--param n_draws: no metric here takes it (phases, weight-norm, fourier, circles, sharpness, softmax-collapse)"),
+    ("all", "n_draws=3", "--param n_draws: no metric here takes it (phases, weight-norm, fourier, circles, sharpness, softmax-collapse, clock-pizza)"),
     ("sharpness", "max_rows", "--param 'max_rows': write NAME=VALUE"),
     ("sharpness", "sigma=-0.1", "metric 'sharpness': sigma must be > 0, got -0.1"),
     ("sharpness", "sigma=nan", "metric 'sharpness': sigma takes a number, got nan"),

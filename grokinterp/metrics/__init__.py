@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grokinterp.metrics.base import Checkpoint
+from grokinterp.metrics.clock_pizza import clock_pizza_metrics
 from grokinterp.metrics.fourier import circle_metrics, circle_points, embedding_key_frequencies, fourier_metrics
+from grokinterp.metrics.llc import llc_metrics
 from grokinterp.metrics.sharpness import sharpness_metrics
 from grokinterp.metrics.sn import coset_metrics, coset_points, irrep_metrics
 from grokinterp.metrics.stability import softmax_collapse_metrics
@@ -31,6 +33,10 @@ class Metric:
     prepare: Callable[[Checkpoint], dict[str, Any]] | None = None
     points: Callable[..., list[dict]] | None = None
     """Per-token 2D points (panel, token, x, y, colour) for figures, computed at a few snapshot steps."""
+    ops: tuple[str, ...] | None = field(default=None, kw_only=True)
+    """Operations the metric applies to, where it is narrower than its families (None: every operation)."""
+    in_all: bool = field(default=True, kw_only=True)
+    """Run by ``--metric all``; False for a metric too slow to run over every checkpoint unasked (ask by name)."""
     param_rules: dict[str, str] = field(default_factory=dict, kw_only=True)
     """The range of a numeric parameter where it is not "positive" (> 0): "nonnegative" or "fraction" (0, 1]."""
     version: int = field(kw_only=True)
@@ -77,3 +83,10 @@ register(Metric("sharpness", sharpness_metrics, "training-loss sharpness under w
 register(Metric("softmax-collapse", softmax_collapse_metrics, "share of training rows whose float32/float64 "
                 "softmax gives the correct class probability exactly 1, share of exactly-zero gradient entries, mean "
                 "logit norm and margin (Prieto et al. 2025)", version=1))
+register(Metric("llc", llc_metrics, "local learning coefficient λ̂ = nβ(E[L] − L(w*)) by SGLD chains localized at the "
+                "weights (Lau et al. 2023), with per-chain estimates, a standard error and a drift check; calibrate "
+                "step_size and nbeta first with `grokinterp calibrate-llc`; not part of --metric all (slow)",
+                param_rules={"n_burnin": "nonnegative"}, in_all=False, version=1))
+register(Metric("clock-pizza", clock_pizza_metrics, "gradient symmetricity (± se) and distance irrelevance, which "
+                "tell the Clock from the Pizza algorithm (Zhong et al. 2023): Pizza ≈ 1 and ≈ 0, Clock lower and ≈ 1",
+                families=("mod",), ops=("add",), version=1))
