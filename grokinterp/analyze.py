@@ -148,6 +148,10 @@ _RULES = {
 }
 
 
+class NameList(list):
+    """The kind of a parameter annotated ``list[str]`` (e.g. irrep names), as ``param_type`` reports it."""
+
+
 def param_type(metric: Metric, name: str) -> tuple[type, bool]:
     """(the type of parameter ``name`` of ``metric.fn``, whether None is allowed): int, float or list (of ints),
     from the annotation, else from the default's type."""
@@ -161,11 +165,14 @@ def param_type(metric: Metric, name: str) -> tuple[type, bool]:
         return (float if default is inspect.Parameter.empty or default is None else type(default)), default is None
     args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     base = next(a for a in args if a is not type(None))
-    return (list if typing.get_origin(base) is list else base), type(None) in args
+    if typing.get_origin(base) is list:
+        return (NameList if typing.get_args(base) == (str,) else list), type(None) in args
+    return base, type(None) in args
 
 
 def _type_words(kind: type, optional: bool) -> str:
-    words = {int: "an integer", float: "a number", list: "a comma list of integers"}.get(kind, kind.__name__)
+    words = {int: "an integer", float: "a number", list: "a comma list of integers",
+             NameList: "a comma list of names"}.get(kind, kind.__name__)
     return words + (" or none" if optional else "")
 
 
@@ -173,6 +180,10 @@ def check_param(metric: Metric, name: str, value: Any) -> None:
     """Refuse, in one line, a value of the wrong type or out of the parameter's range (``metric.param_rules``)."""
     kind, optional = param_type(metric, name)
     if value is None and optional:
+        return
+    if kind is NameList:
+        if not (isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
+            raise AnalysisError(f"metric {metric.name!r}: {name} takes {_type_words(kind, optional)}, got {value!r}")
         return
     if kind not in (int, float, list):  # no rule for other kinds of parameter
         return
@@ -200,12 +211,14 @@ def parse_param(metric: Metric, name: str, text: str) -> Any:
             value = None
         elif kind is list:
             value = [int(item) for item in text.split(",")]
+        elif kind is NameList:
+            value = [item.strip() for item in text.split(",") if item.strip()]
         elif kind is int:
             value = int(text)
         else:
             value = float(text)
     except ValueError:
-        example = {int: "64", float: "0.01", list: "1,14,35"}.get(kind, "1")
+        example = {int: "64", float: "0.01", list: "1,14,35", NameList: "standard,sign"}.get(kind, "1")
         raise AnalysisError(f"--param {name}={text}: {metric.name}'s {name} takes {_type_words(kind, optional)}, "
                             f"e.g. --param {name}={example}") from None
     check_param(metric, name, value)
@@ -219,7 +232,7 @@ def metric_parameter_names(metric: Metric) -> list[str]:
 
 def metric_parameters(metric: Metric) -> list[str]:
     """``name=TYPE`` for every parameter of the metric, for ``analyze --help``."""
-    forms = {int: "INT", float: "FLOAT", list: "INTS"}
+    forms = {int: "INT", float: "FLOAT", list: "INTS", NameList: "NAMES"}
     out = []
     for name in metric_parameter_names(metric):
         kind, optional = param_type(metric, name)
@@ -349,6 +362,14 @@ def analyze(
     chosen = select_steps(available, steps)
     overrides = params or {}
     effective_params(metric, overrides=overrides)  # refuse an unknown parameter or a bad value before any work
+    if overrides.get("key_irreps"):
+        from grokinterp.metrics.sn import symmetric_group
+
+        names = symmetric_group(run.config.task.n).irrep_aliases
+        unknown = [k for k in overrides["key_irreps"] if k not in names]
+        if unknown:
+            raise AnalysisError(f"metric {metric.name!r}: S_{run.config.task.n} has no irrep {unknown[0]!r}; choose "
+                                f"from: {', '.join(names)}")
     n_freqs = run.config.task.p // 2
     if any(not 1 <= k <= n_freqs for k in overrides.get("key_freqs") or []):
         raise AnalysisError(f"metric {metric.name!r}: key_freqs must lie in 1..{n_freqs} (p = {run.config.task.p}), "

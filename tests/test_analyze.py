@@ -377,3 +377,24 @@ def test_error_and_chance_columns_decorate_their_panels_instead_of_getting_their
     assert chance[0].y0 == chance[0].y1 == pytest.approx(0.4)
     band = [s for s in fig.layout.shapes if s.type == "rect"]
     assert len(band) == 1 and (band[0].y0, band[0].y1) == pytest.approx((0.35, 0.45))
+
+
+def test_irrep_names_from_the_command_line(tiny_perm_run, tmp_path, capsys):
+    args = ["analyze", str(tiny_perm_run.path), "--metric", "irreps", "--out", str(tmp_path), "--no-progress"]
+    assert main([*args, "--param", "key_irreps=sign"]) == 0
+    table = pd.read_csv(analysis_dir(tiny_perm_run, tmp_path) / "irreps.csv")
+    assert (table.restricted_loss_keys == table.restricted_loss_sign).all()
+    assert main([*args, "--param", "key_irreps=standard, sign"]) == 0  # spaces allowed; a new key, recomputed
+    table = pd.read_csv(analysis_dir(tiny_perm_run, tmp_path) / "irreps.csv")
+    assert (table.restricted_loss_keys != table.restricted_loss_sign).all()
+    capsys.readouterr()
+    assert main([*args, "--param", "key_irreps=standard,bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "S_4 has no irrep 'bogus'; choose from: " in err and err.count("\n") == 1
+    help_text = " ".join(main_help(capsys).split())
+    assert "key_irreps=NAMES|none" in help_text
+
+
+def main_help(capsys) -> str:
+    assert main(["analyze", "--help"]) == 0
+    return capsys.readouterr().out

@@ -264,3 +264,46 @@ def test_metrics_refuse_a_mod_p_task(tiny):
     for metric in (irrep_metrics, coset_metrics):
         with pytest.raises(ValueError, match="permutation task"):
             metric(ckpt)
+
+
+def test_restricted_and_excluded_losses_of_the_character_algorithm():
+    """Logits α·d_ρ·χ_ρ(c·z⁻¹) of the standard irrep (c = x·y), plus per-pair noise that averages to 0 over the pairs
+    of each answer (memorization that no function of the answer explains): keeping the standard irrep keeps exactly
+    the algorithm, removing it leaves exactly the noise; an irrep the logits lack changes nothing."""
+    from grokinterp.metrics.sn import _cross_entropy, restricted_and_excluded_losses
+
+    g = symmetric_group(4)
+    x, y = np.divmod(np.arange(g.order**2), g.order)
+    answers = g.mul[x, y]
+    rho = g.irrep("standard")
+    algorithm = 4.0 * rho.dim * rho.character[g.mul[answers[:, None], g.inv[None, :]]]
+    noise = np.random.default_rng(0).normal(size=algorithm.shape)
+    for c in range(g.order):
+        noise[answers == c] -= noise[answers == c].mean(axis=0)
+    logits = algorithm + noise
+    in_train = np.random.default_rng(1).random(len(answers)) < 0.5
+
+    def batches():  # in two batches, as a model's logits are streamed
+        half = len(answers) // 2
+        for part in (slice(0, half), slice(half, None)):
+            yield logits[part], answers[part], in_train[part]
+
+    out = restricted_and_excluded_losses(batches, g, ["standard"])
+    assert out["restricted_loss_keys"] == pytest.approx(_cross_entropy(algorithm, answers).mean(), rel=1e-10)
+    assert out["excluded_loss_keys"] == pytest.approx(_cross_entropy(noise[in_train], answers[in_train]).mean(),
+                                                      rel=1e-10)
+    assert out["restricted_loss_standard"] == out["restricted_loss_keys"]
+    assert out["restricted_loss_sign"] == pytest.approx(math.log(24), rel=1e-12)  # no sign component: uniform
+    full = _cross_entropy(logits[in_train], answers[in_train]).mean()
+    assert out["excluded_loss_sign"] == pytest.approx(full, rel=1e-10)
+    assert out["restricted_loss_keys"] < 0.01 < math.log(24) - 1 < out["restricted_loss_sign"]
+    assert {f"restricted_loss_{r.name}" for r in g.irreps if r.name != "trivial"} | {"restricted_loss_keys"} == {
+        k for k in out if k.startswith("restricted_loss_")}
+
+
+def test_irreps_row_uses_the_key_irreps_it_is_given():
+    ckpt = perm_checkpoint(4, d_model=32, n_heads=2, d_head=16, d_mlp=64)
+    own = irrep_metrics(ckpt)
+    given = irrep_metrics(ckpt, key_irreps=["sign"])
+    assert given["restricted_loss_keys"] == given["restricted_loss_sign"] == own["restricted_loss_sign"]
+    assert given["excluded_loss_keys"] == pytest.approx(given["excluded_loss_sign"])

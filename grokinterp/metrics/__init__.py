@@ -17,7 +17,7 @@ from grokinterp.metrics.clock_pizza import clock_pizza_metrics
 from grokinterp.metrics.fourier import circle_metrics, circle_points, embedding_key_frequencies, fourier_metrics
 from grokinterp.metrics.llc import llc_metrics
 from grokinterp.metrics.sharpness import sharpness_metrics
-from grokinterp.metrics.sn import coset_metrics, coset_points, irrep_metrics
+from grokinterp.metrics.sn import coset_metrics, coset_points, embedding_key_irreps, irrep_metrics
 from grokinterp.metrics.stability import softmax_collapse_metrics
 from grokinterp.metrics.weights import weight_norm_metrics
 
@@ -48,6 +48,10 @@ def _final_key_freqs(ckpt: Checkpoint) -> dict[str, Any]:
     return {"key_freqs": embedding_key_frequencies(ckpt)}
 
 
+def _final_key_irreps(ckpt: Checkpoint) -> dict[str, Any]:
+    return {"key_irreps": embedding_key_irreps(ckpt)}
+
+
 METRICS: dict[str, Metric] = {}
 
 
@@ -71,8 +75,9 @@ register(Metric("cosets", coset_metrics, "how strongly W_E/W_U rows cluster by l
                 "stabilizers, A_n and (S5) a dihedral subgroup, against random labels of the same sizes",
                 families=("perm",), points=coset_points, version=1))
 register(Metric("irreps", irrep_metrics, "fraction of W_E/W_U variance in each irreducible representation, key "
-                "irreps, and the logits' similarity to tr ρ(x)ρ(y)ρ(z⁻¹)", families=("perm",), param_rules={"threshold": "fraction"},
-                version=1))
+                "irreps, the logits' similarity to tr ρ(x)ρ(y)ρ(z⁻¹), and restricted and excluded losses per irrep "
+                "and for the key irreps (the last checkpoint's)", families=("perm",),
+                prepare=_final_key_irreps, param_rules={"threshold": "fraction"}, version=2))
 register(Metric("sharpness", sharpness_metrics, "training-loss sharpness under weight perturbation: expected loss "
                 "increase at fixed σ, σ* by bisection (plain and magnitude-aware), ε-sharpness (maximized), Hessian "
                 "top eigenvalue (Lanczos) and trace (Hutchinson, deflated); each sampled column X with X_se, drawn "

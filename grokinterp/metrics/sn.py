@@ -80,6 +80,9 @@ def key_irreps(fve: dict[str, float], threshold: float = KEY_IRREP_FVE) -> list[
     return [name for name, v in sorted(fve.items(), key=lambda kv: -kv[1]) if v > threshold and name != "trivial"]
 
 
+_key_irreps_of = key_irreps  # for irrep_metrics, whose parameter of the same name shadows it
+
+
 def _character_sums(
     logits: Float[np.ndarray, "n_pairs order"], answers: Int[np.ndarray, " n_pairs"], group: SymmetricGroup
 ) -> tuple[Float[np.ndarray, " n_irreps"], float]:
@@ -131,6 +134,84 @@ def model_logit_similarity(ckpt: Checkpoint, group: SymmetricGroup) -> dict[str,
         d, sq = _character_sums(_as_numpy(logits), labels[start : start + LOGIT_BATCH].cpu().numpy(), group)
         dots, logit_sq = dots + d, logit_sq + sq
     return _similarities(dots, logit_sq, len(labels), group)
+
+
+class _AnswerMeans:
+    """Σ of the logit rows per correct answer c, and the count of pairs per answer: the projection of the logits
+    (as functions of the pair, one per output z) onto functions of the answer is the per-answer mean."""
+
+    def __init__(self, order: int):
+        self.sums = np.zeros((order, order))
+        self.counts = np.zeros(order)
+
+    def add(self, logits: np.ndarray, answers: np.ndarray) -> None:
+        np.add.at(self.sums, answers, logits)
+        np.add.at(self.counts, answers, 1.0)
+
+    def components(self, group: SymmetricGroup) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(the mean over pairs, one value per output z; for every non-trivial irrep ρ, the [answer c, output z]
+        component of the centred per-answer means in ρ's isotypic subspace: (d_ρ/|G|) B_ρ B_ρᵀ M̃, with B_ρ the
+        |G| × d_ρ² matrix entries ρ(c)_ij, orthogonal with squared norms |G|/d_ρ by Schur orthogonality)."""
+        if not (self.counts == self.counts[0]).all():
+            raise ValueError("restricted/excluded losses need every answer reached by equally many pairs")
+        means = self.sums / self.counts[:, None]
+        mean_z = means.mean(axis=0)
+        centred = means - mean_z
+        comps = {}
+        for rho in group.irreps:
+            if rho.name == "trivial":
+                continue
+            basis = rho.matrices.reshape(group.order, rho.dim**2)
+            comps[rho.name] = rho.dim / group.order * basis @ (basis.T @ centred)
+        return mean_z, comps
+
+
+def _cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-row cross-entropy in float64."""
+    logits = logits.astype(np.float64)
+    top = logits.max(axis=1, keepdims=True)
+    log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+    return log_z - logits[np.arange(len(labels)), labels]
+
+
+def restricted_and_excluded_losses(
+    batches,
+    group: SymmetricGroup,
+    key_irreps: list[str],
+) -> dict[str, float]:
+    """Chughtai et al.'s S_n counterparts of Nanda's progress measures, for every non-trivial irrep ρ alone and for
+    the set of ``key_irreps``.
+
+    ``batches()`` yields (logits [pairs, |G|], answers [pairs], in_train [pairs]) over every pair of the table, and
+    is called twice. The logits of pair (x, y) for output z are split into their mean over pairs, their components
+    along functions of the answer c in each irrep's isotypic subspace (the span of the ρ(c)_ij), and the rest.
+    Restricted loss of a set K: cross-entropy over all pairs of the mean plus the K components alone. Excluded
+    loss: cross-entropy over the training pairs of the logits with the K components removed. For logits
+    ∝ Σ_{ρ∈K} χ_ρ(c·z⁻¹) (the character algorithm) the restricted loss is the full loss and the excluded loss is
+    log |G|."""
+    acc = _AnswerMeans(group.order)
+    for logits, answers, _ in batches():
+        acc.add(logits, answers)
+    mean_z, comps = acc.components(group)
+    keys = [group.irrep(k).name for k in key_irreps]
+    sets = {**{name: [name] for name in comps}, "keys": keys}
+    answers_all = np.arange(group.order)
+    out: dict[str, float] = {}
+    for label, members in sets.items():
+        kept = mean_z + sum((comps[m] for m in members), np.zeros_like(mean_z))  # [c, z]: one row per answer
+        out[f"restricted_loss_{label}"] = float((_cross_entropy(kept, answers_all) * acc.counts).sum()
+                                                / acc.counts.sum())
+    removed = {label: sum((comps[m] for m in members), np.zeros((group.order, group.order)))
+               for label, members in sets.items()}
+    totals, n_train = dict.fromkeys(sets, 0.0), 0
+    for logits, answers, in_train in batches():
+        rows, ans = logits[in_train], answers[in_train]
+        n_train += len(ans)
+        for label in sets:
+            totals[label] += float(_cross_entropy(rows - removed[label][ans], ans).sum())
+    for label in sets:
+        out[f"excluded_loss_{label}"] = totals[label] / n_train if n_train else math.nan
+    return out
 
 
 # ---- cosets -----------------------------------------------------------------------------------------------------
@@ -241,26 +322,60 @@ def _embed_unembed(ckpt: Checkpoint, order: int) -> tuple[np.ndarray, np.ndarray
     return _as_numpy(ckpt.model.W_E[:order]), _as_numpy(ckpt.model.W_U.T)
 
 
-def irrep_metrics(ckpt: Checkpoint, threshold: float = KEY_IRREP_FVE) -> dict[str, float]:
+def embedding_key_irreps(ckpt: Checkpoint, threshold: float = KEY_IRREP_FVE) -> list[str]:
+    """Key irreps of the checkpoint's embedding (FVE above ``threshold``), strongest first."""
+    group = _require_perm(ckpt)
+    return key_irreps(irrep_fve(_embed_unembed(ckpt, group.order)[0], group), threshold)
+
+
+@torch.no_grad()
+def model_restricted_and_excluded_losses(ckpt: Checkpoint, group: SymmetricGroup,
+                                         keys: list[str]) -> dict[str, float]:
+    """``restricted_and_excluded_losses`` of the model over every pair of the run's table, in batches."""
+    tokens, labels = ckpt.data.tokens, ckpt.data.labels
+    in_train = torch.zeros(len(labels), dtype=torch.bool)
+    in_train[ckpt.data.train_idx.cpu()] = True
+    starts = range(0, len(labels), LOGIT_BATCH)
+    kept: list[np.ndarray] | None = [] if len(starts) == 1 else None  # one batch (S5): computed once, used twice
+
+    def batches():
+        for i, start in enumerate(starts):
+            if kept:
+                logits = kept[i]
+            else:
+                logits = _as_numpy(answer_logits(ckpt.model, tokens[start : start + LOGIT_BATCH]))
+                if kept is not None:
+                    kept.append(logits)
+            stop = start + LOGIT_BATCH
+            yield logits, labels[start:stop].cpu().numpy(), in_train[start:stop].numpy()
+
+    return restricted_and_excluded_losses(batches, group, keys)
+
+
+def irrep_metrics(ckpt: Checkpoint, threshold: float = KEY_IRREP_FVE,
+                  key_irreps: list[str] | None = None) -> dict[str, float]:
     """Irrep FVE of the embedding (W_E rows of the group elements) and unembedding (W_U columns), the number of key
-    irreps of each, and the logit similarity to each irrep's character template.
+    irreps of each, the logit similarity to each irrep's character template, and the restricted and excluded
+    losses of each irrep and of ``key_irreps`` (default: this checkpoint's own key irreps; ``analyze`` passes the
+    last checkpoint's, as the Fourier losses use the last checkpoint's key frequencies).
 
     ``unembed_fve_embed_keys``: unembedding variance in the embedding's key irreps. ``logit_character_fve``: logit
     variance explained by all character templates (Σ similarity²); ``logit_key_fve``: by the embedding's key irreps.
     """
     group = _require_perm(ckpt)
     embed, unembed = (irrep_fve(W, group) for W in _embed_unembed(ckpt, group.order))
-    keys = key_irreps(embed, threshold)
+    keys = _key_irreps_of(embed, threshold)
     sims = model_logit_similarity(ckpt, group)
     row: dict[str, float] = {}
     for prefix, fve in (("embed_fve", embed), ("unembed_fve", unembed)):
         row.update({f"{prefix}_{name}": v for name, v in fve.items() if name != "trivial"})
     row["n_key_irreps_embed"] = float(len(keys))
-    row["n_key_irreps_unembed"] = float(len(key_irreps(unembed, threshold)))
+    row["n_key_irreps_unembed"] = float(len(_key_irreps_of(unembed, threshold)))
     row["unembed_fve_embed_keys"] = float(sum(unembed[k] for k in keys))
     row.update({f"logit_sim_{name}": v for name, v in sims.items()})
     row["logit_character_fve"] = float(sum(v**2 for v in sims.values()))
     row["logit_key_fve"] = float(sum(sims[k] ** 2 for k in keys))
+    row.update(model_restricted_and_excluded_losses(ckpt, group, key_irreps if key_irreps is not None else keys))
     return row
 
 
