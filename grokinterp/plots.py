@@ -52,21 +52,47 @@ def _series_groups(table: pd.DataFrame) -> tuple[list[str], dict[str, list[str]]
     return lines, families
 
 
+LABEL_PX_PER_CHAR = 6.5  # width of a 10-px label's character, for laying the phase labels out
+PLOT_WIDTH_PX = 900  # the width a figure's plot area is assumed to have when labels are laid out
+LABEL_ROW_PX = 13  # vertical step between rows of phase labels
+
+
+def label_rows(centres: Sequence[float], widths: Sequence[float]) -> list[int]:
+    """A row (0 = top) for each label centred at ``centres`` with ``widths`` (same units), so that labels in one row
+    never overlap: each label, left to right, takes the highest row whose last label ends before it begins."""
+    ends: list[float] = []  # right edge of the last label in each row
+    rows = [0] * len(centres)
+    for i in sorted(range(len(centres)), key=lambda i: centres[i]):
+        left = centres[i] - widths[i] / 2
+        row = next((r for r, end in enumerate(ends) if end <= left), len(ends))
+        if row == len(ends):
+            ends.append(0.0)
+        ends[row] = centres[i] + widths[i] / 2
+        rows[i] = row
+    return rows
+
+
 def shade_phases(fig: go.Figure, phases: Phases | None, rows: int) -> None:
-    """Shade the phases on every panel and label them on the top one."""
+    """Shade the phases on every panel and label them on the top one; labels of short phases that would overlap
+    go on rows below one another instead of on top of each other."""
     if phases is None:
         return
-    for name, start, end in phases.spans():
+    spans = phases.spans()
+    for name, start, end in spans:
         for row in range(1, rows + 1):
             fig.add_vrect(x0=max(start, 1), x1=max(end, 1), fillcolor=PHASE_COLOURS[name], line_width=0,
                           row=row, col=1, layer="below")
-        fig.add_annotation(x=_log_mid(max(start, 1), max(end, 1)), y=1.0, yref="y domain", xref="x", text=name,
-                           showarrow=False, font={"size": 10}, row=1, col=1)
+    if not spans:
+        return
+    centres = [_log_mid(max(start, 1), max(end, 1)) for _, start, end in spans]
+    decades = max(math.log10(max(spans[-1][2], 10)), 1.0)  # the log axis runs from step 1 to the last step
+    widths = [len(name) * LABEL_PX_PER_CHAR / PLOT_WIDTH_PX * decades for name, _, _ in spans]
+    for (name, _, _), centre, level in zip(spans, centres, label_rows(centres, widths)):
+        fig.add_annotation(x=centre, y=1.0, yref="y domain", xref="x", text=name, showarrow=False,
+                           font={"size": 10}, yshift=-LABEL_ROW_PX * level, row=1, col=1)
 
 
 def _log_mid(a: int, b: int) -> float:
-    import math
-
     return math.log10(math.sqrt(a * b)) if a > 0 and b > 0 else 0.0
 
 

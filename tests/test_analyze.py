@@ -1,4 +1,5 @@
 import hashlib
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -398,3 +399,25 @@ def test_irrep_names_from_the_command_line(tiny_perm_run, tmp_path, capsys):
 def main_help(capsys) -> str:
     assert main(["analyze", "--help"]) == 0
     return capsys.readouterr().out
+
+
+def test_phase_labels_of_short_phases_do_not_collide():
+    from grokinterp.metrics.phases import Phases
+    from grokinterp.plots import LABEL_ROW_PX, label_rows, training_figure
+
+    assert label_rows([0.0, 5.0, 10.0], [2.0, 2.0, 2.0]) == [0, 0, 0]  # apart: one row
+    assert label_rows([0.0, 1.0, 1.5, 6.0], [2.0, 2.0, 2.0, 2.0]) == [0, 1, 2, 0]  # close: rows below, then back up
+    # a run that generalizes at 2,200-2,300 and stops at 2,600: transition and generalized are centred 0.04 decades
+    # apart
+    phases = Phases(train_50=100, train_99=200, val_50=2200, val_99=2300, last_step=2600)
+    log = pd.DataFrame({"step": [1, 2600], "train_acc": [0.0, 1.0], "val_acc": [0.0, 1.0], "train_loss": [4.0, 1e-7],
+                        "val_loss": [4.0, 1e-3]})
+    fig = training_figure("t", log, phases)
+    labels = [a for a in fig.layout.annotations if a.text in ("memorization", "plateau", "transition", "generalized")]
+    assert len(labels) == 4
+    placed = sorted(((a.yshift or 0) // -LABEL_ROW_PX, a.x, len(a.text)) for a in labels)
+    decades = math.log10(2600)
+    for (row_a, x_a, n_a), (row_b, x_b, n_b) in zip(placed, placed[1:]):
+        if row_a == row_b:  # two labels on one row leave room for both texts
+            assert x_b - x_a >= (n_a + n_b) / 2 * 6.5 / 900 * decades
+    assert len({row for row, _, _ in placed}) > 1  # the layout needed a second row here
