@@ -1,7 +1,13 @@
-"""Speed of the S_n analyses, timed here rather than in the tests (a wall-clock bound in a test flakes on a busy
+"""Speed of the analyses, timed here rather than in the tests (a wall-clock bound in a test flakes on a busy
 machine and means nothing on another CPU).
 
     python benchmarks/analysis_speed.py
+    python benchmarks/analysis_speed.py --run checkpoints/<nanda2023 run> --checkpoints 12
+
+* With ``--run``: every metric of ``--metric all`` (and ``llc`` with ``--llc``) at ``--checkpoints`` checkpoints
+  spread evenly (in log steps and linear steps alike: every k-th of the run's checkpoints) over the run, at the
+  default parameters and error targets; seconds per checkpoint per metric, and the whole of ``--metric all``
+  projected to the run's checkpoints and to 150 (issue 12's target: under 120 s on 2 cores).
 
 * S5 group: the first build of ``SymmetricGroup(5)``'s irreps, character table and conjugacy classes in a process.
 * S5 checkpoint rows: ``irrep_metrics`` and ``coset_metrics`` of one checkpoint of the default model (d_model 128,
@@ -37,8 +43,86 @@ def median_seconds(work, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def reference_ratios(run, steps: list[int], names: list[str]) -> None:
+    """Each metric against itself on the model's own forward (the fast path switched off), alternating the two at
+    every checkpoint, so a VM whose speed drifts slows both alike: the ratio is the figure to compare across
+    machines, the seconds above are this machine's."""
+    import grokinterp.metrics.base as base
+    import grokinterp.metrics.fourier as fourier
+    import grokinterp.metrics.sharpness as sharpness
+    from grokinterp.analyze import effective_params
+    from grokinterp.metrics import METRICS
+
+    modules = (base, fourier, sharpness)
+    applies = base.fast_forward_applies
+    for name in names:
+        metric = METRICS[name]
+        final = Checkpoint(step=run.steps[-1], model=run.model(run.steps[-1]), data=run.data, config=run.config)
+        params = effective_params(metric, metric.prepare(final) if metric.prepare else {})
+        fast = slow = 0.0
+        for step in steps:
+            ckpt = Checkpoint(step=step, model=run.model(step), data=run.data, config=run.config)
+            for switched_off in (False, True):
+                for module in modules:
+                    module.fast_forward_applies = (lambda m, t: False) if switched_off else applies
+                start = time.perf_counter()
+                metric.fn(ckpt, **params)
+                elapsed = time.perf_counter() - start
+                fast, slow = (fast, slow + elapsed) if switched_off else (fast + elapsed, slow)
+        for module in modules:
+            module.fast_forward_applies = applies
+        print(f"  {name:18s} fast path {fast / len(steps):.3f} s, model's own forward {slow / len(steps):.3f} s a "
+              f"checkpoint: {slow / fast:.1f}x (steps {steps})", flush=True)
+
+
+def time_run(path: str, n_checkpoints: int, with_llc: bool) -> None:
+    from grokinterp.analyze import effective_params, metrics_for
+    from grokinterp.checkpoints import load_run
+    from grokinterp.metrics import METRICS
+
+    run = load_run(path)
+    steps = run.steps[:: max(1, len(run.steps) // n_checkpoints)][:n_checkpoints]
+    names = [n for n in metrics_for(run) if METRICS[n].fn is not None] + (["llc"] if with_llc else [])
+    print(f"run {run.name}: {len(run.steps)} checkpoints, timing steps {steps}")
+    load_seconds = median_seconds(lambda: run.model(steps[-1]), repeats=3)
+    print(f"  loading one checkpoint: {load_seconds:.3f} s")
+    per_ckpt = {}
+    for name in names:
+        metric = METRICS[name]
+        final = Checkpoint(step=run.steps[-1], model=run.model(run.steps[-1]), data=run.data, config=run.config)
+        start = time.perf_counter()
+        params = effective_params(metric, metric.prepare(final) if metric.prepare else {})
+        prepare_seconds = time.perf_counter() - start
+        times = []
+        for step in steps:
+            ckpt = Checkpoint(step=step, model=run.model(step), data=run.data, config=run.config)
+            start = time.perf_counter()
+            metric.fn(ckpt, **params)
+            times.append(time.perf_counter() - start)
+        per_ckpt[name] = statistics.mean(times)
+        print(f"  {name:18s} {per_ckpt[name]:7.3f} s per checkpoint (min {min(times):.3f}, max {max(times):.3f}; "
+              f"prepare {prepare_seconds:.2f} s)", flush=True)
+    reference_ratios(run, steps[: min(3, len(steps))], [n for n in ("fourier", "sharpness", "clock-pizza") if n in names])
+    total = sum(v for k, v in per_ckpt.items() if k != "llc") + load_seconds
+    verdict = f"{total * 150 / 120:.1f}x over" if total * 150 > 120 else "met"
+    print(f"  --metric all: {total:.2f} s per checkpoint -> {total * len(run.steps):.0f} s for this run's "
+          f"{len(run.steps)} checkpoints, {total * 150:.0f} s for 150 (target 120 s: {verdict})")
+
+
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default=None, help="a trained run to time every metric on")
+    parser.add_argument("--checkpoints", type=int, default=12, help="checkpoints of --run to time (default 12)")
+    parser.add_argument("--llc", action="store_true", help="also time the llc metric (slow)")
+    parser.add_argument("--only-run", action="store_true", help="skip the S5 rows")
+    args = parser.parse_args()
     print(f"CPU: {cpu_model()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    if args.run:
+        time_run(args.run, args.checkpoints, args.llc)
+    if args.only_run:
+        return
 
     def fresh_group():
         g = SymmetricGroup(5)  # a new instance: nothing cached yet

@@ -148,6 +148,32 @@ def _layer0(params: Mapping[str, Tensor], tokens: Int[Tensor, "batch 3"], cfg: H
     return resid_eq, pattern, v_ab, v_eq
 
 
+def _answer_resid_mid(params: Mapping[str, Tensor], tokens: Int[Tensor, "batch 3"],
+                      cfg: HookedTransformerConfig) -> Float[Tensor, "batch d_model"]:
+    """The answer position's residual stream after attention (TransformerLens' ``blocks.0.hook_resid_mid``)."""
+    resid_eq, pattern, v_ab, v_eq = _layer0(params, tokens, cfg)
+    a, b = tokens[:, 0], tokens[:, 1]
+    W_O = params["blocks.0.attn.W_O"]
+    n_heads, d_head, d_model = W_O.shape
+    z = pattern[..., 0:1] * v_ab[0][a] + pattern[..., 1:2] * v_ab[1][b] + pattern[..., 2:3] * v_eq  # [batch, h, e]
+    attn_out = torch.addmm(params["blocks.0.attn.b_O"], z.reshape(-1, n_heads * d_head),
+                           W_O.reshape(n_heads * d_head, d_model))
+    return resid_eq + attn_out
+
+
+def answer_mlp_post(model: HookedTransformer, tokens: Int[Tensor, "batch 3"]) -> Float[Tensor, "batch d_mlp"]:
+    """The MLP's activations at the answer position (``blocks.0.mlp.hook_post`` at position 2), by the fast path
+    (rows [a, b, =]; a model with an MLP that ``unsupported_reason`` accepts)."""
+    if model.cfg.attn_only:
+        raise ValueError("an attention-only model has no MLP activations")
+    params = dict(model.named_parameters())
+    x = _normalize(_answer_resid_mid(params, tokens, model.cfg), params, "blocks.0.ln2", model.cfg)
+    post = ACTIVATIONS[model.cfg.act_fn](torch.addmm(params["blocks.0.mlp.b_in"], x, params["blocks.0.mlp.W_in"]))
+    if model.cfg.is_layer_norm_activation():
+        post = _layer_norm(post, params, "blocks.0.mlp.ln", model.cfg)
+    return post
+
+
 def answer_logits_from_params(
     params: Mapping[str, Tensor], tokens: Int[Tensor, "batch 3"], cfg: HookedTransformerConfig
 ) -> Float[Tensor, "batch d_vocab_out"]:
@@ -157,15 +183,7 @@ def answer_logits_from_params(
     ``torch.func.functional_call``, ``grad`` and ``vmap`` over a leading model dimension of params and tokens.
     Position 2 is assumed to hold ``=`` (token ``d_vocab - 1``); see the module docstring.
     """
-    resid_eq, pattern, v_ab, v_eq = _layer0(params, tokens, cfg)
-    a, b = tokens[:, 0], tokens[:, 1]
-    W_O = params["blocks.0.attn.W_O"]
-    n_heads, d_head, d_model = W_O.shape
-    z = pattern[..., 0:1] * v_ab[0][a] + pattern[..., 1:2] * v_ab[1][b] + pattern[..., 2:3] * v_eq  # [batch, h, e]
-    attn_out = torch.addmm(params["blocks.0.attn.b_O"], z.reshape(-1, n_heads * d_head),
-                           W_O.reshape(n_heads * d_head, d_model))
-
-    resid = resid_eq + attn_out  # [batch, d_model]
+    resid = _answer_resid_mid(params, tokens, cfg)
     if not cfg.attn_only:
         resid = resid + _mlp(_normalize(resid, params, "blocks.0.ln2", cfg), params, cfg)
     resid = _normalize(resid, params, "ln_final", cfg)

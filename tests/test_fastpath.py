@@ -68,6 +68,16 @@ def test_logits_match_the_model_on_every_row(name):
         assert_close(fast_answer_logits(model, data.tokens), answer_logits(model, data.tokens))
 
 
+@pytest.mark.parametrize("name", [n for n in CONFIGS if n != "attn_only"])
+def test_mlp_activations_match_the_models_hook_post(name):
+    data = build_task("add", 11, 5, 0.5, 0)
+    model = make_model(CONFIGS[name], data.n_symbols).to(torch.float64)
+    _, cache = model.run_with_cache(data.tokens, names_filter="blocks.0.mlp.hook_post")
+    with torch.no_grad():
+        post = fastpath.answer_mlp_post(model, data.tokens)
+    assert (post - cache["blocks.0.mlp.hook_post"][:, -1]).abs().max() <= 1e-12 * post.abs().max().clamp_min(1.0)
+
+
 @pytest.mark.parametrize("name", ["relu", "attn_only", "LN", "LN_solu_ln"])
 def test_gradients_match_the_model(name):
     data = build_task("add", 7, 5, 0.5, 0)

@@ -138,3 +138,26 @@ def test_restricted_loss_of_the_clock_algorithm():
     assert excluded == pytest.approx(math.log(p), rel=1e-9)  # nothing left: uniform logits
     wrong = restricted_and_excluded_loss(logits, labels, train, [1])
     assert wrong[0] == pytest.approx(math.log(p), rel=1e-6) and wrong[1] == pytest.approx(full, rel=1e-6)
+
+
+def test_fourier_row_by_the_fast_path_is_the_models_own(monkeypatch):
+    """The fourier metric takes its logits and MLP activations from the fast path where it applies: in float64 its
+    row equals the one from the model's own forward."""
+    import grokinterp.metrics.base as base
+    import grokinterp.metrics.fourier as fourier
+    from conftest import tiny_config
+
+    from grokinterp.metrics.base import Checkpoint
+    from grokinterp.model import build_model
+    from grokinterp.tasks import build_task
+
+    cfg = tiny_config(p=11)
+    data = build_task("add", 11, 5, 0.5, 0)
+    model = build_model(cfg.model, data.n_symbols).to(torch.float64).eval()
+    ckpt = Checkpoint(step=0, model=model, data=data, config=cfg)
+    assert base.fast_forward_applies(model, data.tokens)
+    fast = fourier.fourier_metrics(ckpt)
+    monkeypatch.setattr(fourier, "fast_forward_applies", lambda m, t: False)
+    monkeypatch.setattr(base, "fast_forward_applies", lambda m, t: False)
+    slow = fourier.fourier_metrics(ckpt)
+    assert fast == pytest.approx(slow, rel=1e-10, abs=1e-12)

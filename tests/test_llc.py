@@ -145,3 +145,19 @@ def test_llc_is_asked_for_by_name_and_left_out_of_all(tiny_run, tmp_path, capsys
     assert result.computed == 2 and {"llc", "llc_se", "llc_chain0", "llc_chain1"} <= set(result.table.columns)
     html = result.html_path.read_text()
     assert '"name":"llc_chain0"' in html.replace(" ", "")  # the chains are drawn on the llc panel
+
+
+def test_the_fast_forward_gives_the_model_forwards_chains(monkeypatch):
+    import grokinterp.metrics.sharpness as sharpness
+    from conftest import tiny_config
+
+    cfg = tiny_config()
+    data = build_task(cfg.task.op, cfg.task.p, cfg.task.n, cfg.task.frac_train, cfg.task.data_seed)
+    model = build_model(cfg.model, data.n_symbols).to(torch.float64).eval()
+    ckpt = Checkpoint(step=3, model=model, data=data, config=cfg)
+    assert sharpness.fast_forward_applies(model, ckpt.train_tokens)
+    kwargs = dict(n_chains=2, n_draws=20, n_burnin=5, batch_size=8)
+    fast = llc_metrics(ckpt, **kwargs)
+    monkeypatch.setattr(sharpness, "fast_forward_applies", lambda m, t: False)
+    slow = llc_metrics(ckpt, **kwargs)
+    assert fast == pytest.approx(slow, rel=1e-9)

@@ -349,3 +349,22 @@ def test_gradient_based_measures_work_under_no_grad(trained):
     with torch.no_grad():
         assert (epsilon_sharpness(model, tokens, labels, steps=2),
                 hessian_top_eigenvalue(model, tokens, labels, iters=3, generator=gen())) == expected
+
+
+def test_the_fast_forward_gives_the_model_forwards_numbers(monkeypatch):
+    """The measures take the fast path's answer logits where it applies (folded; the pure form for second
+    derivatives): in float64 every column equals the model's own forward's to rounding."""
+    import grokinterp.metrics.sharpness as sharpness
+
+    model = build_model(ModelConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=32), 7).to(torch.float64)
+    data = build_task("add", 7, 5, 0.6, 0)
+    from conftest import tiny_config
+
+    ckpt = Checkpoint(step=5, model=model.eval(), data=data, config=tiny_config(), seed=0)
+    assert sharpness.fast_forward_applies(model, ckpt.train_tokens)
+    fast = sharpness_metrics(ckpt, eps_steps=3)
+    monkeypatch.setattr(sharpness, "fast_forward_applies", lambda m, t: False)
+    slow = sharpness_metrics(ckpt, eps_steps=3)
+    assert fast.keys() == slow.keys()
+    for key in fast:
+        assert fast[key] == pytest.approx(slow[key], rel=1e-8, abs=1e-12, nan_ok=True), key

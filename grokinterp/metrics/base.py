@@ -36,3 +36,26 @@ class Checkpoint:
     @property
     def train_labels(self) -> torch.Tensor:
         return self.data.labels[self.data.train_idx]
+
+
+def fast_forward_applies(model: torch.nn.Module, tokens: torch.Tensor) -> bool:
+    """Whether ``grokinterp.fastpath`` computes this model's answer logits on these rows: a HookedTransformer it
+    supports (one layer, ...), on rows [a, b, =]."""
+    from transformer_lens import HookedTransformer
+
+    from grokinterp.fastpath import unsupported_reason
+
+    return (isinstance(model, HookedTransformer) and unsupported_reason(model.cfg) is None
+            and tokens.dim() == 2 and tokens.shape[1] == 3 and bool((tokens[:, 2] == model.cfg.d_vocab - 1).all()))
+
+
+def metric_answer_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``grokinterp.model.answer_logits``, by the fast path where it applies (the same function to float rounding,
+    the one training used, in a fraction of the time), else by the model's own forward."""
+    from grokinterp.model import answer_logits
+
+    if fast_forward_applies(model, tokens):
+        from grokinterp.fastpath import fast_answer_logits
+
+        return fast_answer_logits(model, tokens)
+    return answer_logits(model, tokens)

@@ -5,6 +5,7 @@ The Fourier basis over p tokens has orthonormal rows ``1/√p``, ``√(2/p) cos(
 whose rows are tokens is the squared norm of its cos_k and sin_k coefficient rows.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -12,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 
-from grokinterp.metrics.base import Checkpoint
-from grokinterp.model import answer_logits
+from grokinterp.metrics.base import Checkpoint, fast_forward_applies, metric_answer_logits
 
 KEY_POWER_FRACTION = 0.9  # key frequencies: the fewest, strongest first, that hold 90% of the non-constant power
 NEURON_EXPLAINED = 0.85  # a neuron is "explained by one frequency" above this fraction of its variance (Nanda)
@@ -176,6 +176,11 @@ def circle_chance(p: int, d: int, freqs: list[int], draws: int = CHANCE_DRAWS, s
     It depends on p and d, hardly on k: about d / (d + p) (0.53 at p = 113, d = 128), since the plane is fitted
     to the rows' own k-th component, which puts about d units of variance along it against about p from the other
     frequencies. A trained embedding's score means something only well above it (a few standard deviations)."""
+    return _circle_chance(p, d, tuple(freqs), draws, seed)
+
+
+@functools.lru_cache(maxsize=64)  # the same for every checkpoint of a run: computed once per process
+def _circle_chance(p: int, d: int, freqs: tuple[int, ...], draws: int, seed: int) -> tuple[float, float]:
     g = torch.Generator().manual_seed(seed)
     scores = torch.tensor([circle_score(torch.randn(p, d, generator=g, dtype=torch.float64), k)
                            for _ in range(draws) for k in freqs], dtype=torch.float64)
@@ -216,6 +221,21 @@ def mlp_activations(ckpt: Checkpoint, rows: torch.Tensor) -> Float[torch.Tensor,
     return cache[name][:, -1, :]
 
 
+def _logits_and_mlp_activations(ckpt: Checkpoint, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The answer logits and ``mlp_activations`` of the given rows: by the fast path where it applies, else from
+    one forward pass of the model."""
+    tokens = ckpt.data.tokens[rows]
+    if ckpt.model.cfg.attn_only:
+        return metric_answer_logits(ckpt.model, tokens), None
+    if fast_forward_applies(ckpt.model, tokens):
+        from grokinterp.fastpath import answer_mlp_post
+
+        return metric_answer_logits(ckpt.model, tokens), answer_mlp_post(ckpt.model, tokens)
+    name = "blocks.0.mlp.hook_post"
+    logits, cache = ckpt.model.run_with_cache(ckpt.data.tokens[rows], names_filter=lambda n: n == name)
+    return logits[:, -1, :], cache[name][:, -1, :]
+
+
 @torch.no_grad()
 def fourier_metrics(ckpt: Checkpoint, key_freqs: list[int] | None = None) -> dict[str, float | int]:
     """Fourier power of the embedding (W_E) and unembedding (W_U), sparsity, neurons explained by one frequency,
@@ -238,14 +258,13 @@ def fourier_metrics(ckpt: Checkpoint, key_freqs: list[int] | None = None) -> dic
     row["key_freqs_power_fraction"] = float(embed_power[[k - 1 for k in keys]].sum() / embed_power.sum())
     rows = all_pair_rows(ckpt)
     if rows is not None:
-        logits = answer_logits(model, ckpt.data.tokens[rows])
+        logits, acts = _logits_and_mlp_activations(ckpt, rows)  # one forward for both
         labels = ckpt.data.labels[rows]
         position = torch.empty_like(rows)
         position[rows] = torch.arange(len(rows), device=rows.device)
         train_rows = position[ckpt.data.train_idx]
         row["restricted_loss"], row["excluded_loss"] = restricted_and_excluded_loss(
             logits.cpu(), labels.cpu(), train_rows.cpu(), keys)
-        acts = mlp_activations(ckpt, rows)
         if acts is not None:
             fractions = neuron_frequency_fractions(acts.cpu().reshape(p, p, -1))
             row["neurons_explained_one_freq"] = float((fractions.max(dim=1).values >= NEURON_EXPLAINED).double().mean())

@@ -95,7 +95,9 @@ def estimate_llc(
     with torch.no_grad():
         init_loss = objective.loss(objective.theta).item()
 
-    def batch_loss(theta, rows_tokens, rows_labels):
+    def batch_loss(theta, rows_tokens, rows_labels):  # the fast path's pure form where it applies (it vmaps)
+        if objective.fast:
+            return loss_fn(objective.outputs(theta, pure=True, tokens=rows_tokens), rows_labels)
         return loss_fn(functional_call(model, {**fixed, **theta}, (rows_tokens,)), rows_labels)
 
     grad_fn = vmap(grad_and_value(batch_loss))
