@@ -508,7 +508,7 @@ def calibrate_llc(
     ``llc_calibration_traces.csv`` (every chain's running λ̂ trace) and ``llc_calibration.html`` under the run's
     analysis folder. Pick the setting whose traces are flat after the burn-in, then pass it to
     ``analyze(run, "llc", params={"step_size": ..., "nbeta": ...})``."""
-    from grokinterp.metrics.llc import _rows, default_nbeta, estimate_llc
+    from grokinterp.metrics.llc import default_nbeta, estimate_llc
 
     metric = get_metric("llc", run)
     overrides = dict(params or {})
@@ -530,7 +530,7 @@ def calibrate_llc(
         raise AnalysisError(f"step {step} has no checkpoint; the nearest is {near}")
     data = run.data.to(device)
     ckpt = Checkpoint(step=step, model=run.model(step, device=device), data=data, config=run.config, seed=seed)
-    tokens, labels = _rows(ckpt, effective["max_rows"])
+    tokens, labels = ckpt.training_rows(effective["max_rows"])
     nbetas = nbetas or [default_nbeta(len(labels))]
     settings = [(eps, nbeta) for nbeta in nbetas for eps in sorted(step_sizes)]
     chain_params = {k: effective[k] for k in ("gamma", "n_chains", "n_draws", "n_burnin", "batch_size")}

@@ -37,6 +37,16 @@ class Checkpoint:
     def train_labels(self) -> torch.Tensor:
         return self.data.labels[self.data.train_idx]
 
+    def training_rows(self, max_rows: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, labels) of the training split: all of it, or ``max_rows`` rows chosen by a generator seeded
+        with ``seed`` alone, so that every step of a run is measured on the same rows."""
+        tokens, labels = self.train_tokens, self.train_labels
+        if max_rows is not None and max_rows < len(labels):
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
+            rows = order[:max_rows].sort().values.to(labels.device)
+            tokens, labels = tokens[rows], labels[rows]
+        return tokens, labels
+
 
 def fast_forward_applies(model: torch.nn.Module, tokens: torch.Tensor) -> bool:
     """Whether ``grokinterp.fastpath`` computes this model's answer logits on these rows: a HookedTransformer it

@@ -129,17 +129,6 @@ def estimate_llc(
     return LLCEstimate(value, se, per_chain, init_loss, traces, drift, diverged)
 
 
-def _rows(ckpt: Checkpoint, max_rows: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The checkpoint's training rows, or ``max_rows`` of them chosen by ``ckpt.seed`` alone (the same at every
-    step), as the sharpness measures choose them."""
-    tokens, labels = ckpt.train_tokens, ckpt.train_labels
-    if max_rows is not None and max_rows < len(labels):
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(ckpt.seed))
-        rows = order[:max_rows].sort().values.to(labels.device)
-        tokens, labels = tokens[rows], labels[rows]
-    return tokens, labels
-
-
 def llc_metrics(
     ckpt: Checkpoint,
     *,
@@ -155,7 +144,7 @@ def llc_metrics(
     """λ̂ of the checkpoint on its training rows (all, or ``max_rows`` of them): ``llc``, ``llc_se``, each chain's
     ``llc_chain{c}``, ``llc_init_loss`` (L_n(w*)), ``llc_drift`` (see ``LLCEstimate``), ``llc_diverged`` (0 or 1)
     and the ``llc_nbeta`` used. Randomness: ``ckpt.generator(4)``."""
-    tokens, labels = _rows(ckpt, max_rows)
+    tokens, labels = ckpt.training_rows(max_rows)
     nbeta = default_nbeta(len(labels)) if nbeta is None else nbeta
     est = estimate_llc(ckpt.model, tokens, labels, generator=ckpt.generator(4), step_size=step_size, nbeta=nbeta,
                        gamma=gamma, n_chains=n_chains, n_draws=n_draws, n_burnin=n_burnin, batch_size=batch_size)

@@ -43,8 +43,7 @@ from jaxtyping import Float, Int
 from torch.func import functional_call, vmap
 
 from grokinterp.denormals import flush_denormals
-from grokinterp.metrics.base import Checkpoint, fast_forward_applies
-from grokinterp.model import answer_logits
+from grokinterp.metrics.base import Checkpoint, fast_forward_applies, metric_answer_logits
 from grokinterp.objective import answer_loss
 
 log = logging.getLogger(__name__)
@@ -638,15 +637,11 @@ def sharpness_metrics(
     Randomness: ``ckpt.generator(1)`` draws the noise, ``(2)`` the Lanczos start, ``(3)`` the Hutchinson vectors.
     """
     model = ckpt.model
-    tokens, labels = ckpt.train_tokens, ckpt.train_labels
     with torch.no_grad():
-        logits = answer_logits(model, tokens)
-        row: dict[str, float] = {"train_loss": answer_loss(logits, labels).item(),
-                                 "train_acc": (logits.argmax(-1) == labels).double().mean().item()}
-    if max_rows is not None and max_rows < len(labels):
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(ckpt.seed))
-        rows = order[:max_rows].sort().values.to(labels.device)
-        tokens, labels = tokens[rows], labels[rows]
+        logits = metric_answer_logits(model, ckpt.train_tokens)
+        row: dict[str, float] = {"train_loss": answer_loss(logits, ckpt.train_labels).item(),
+                                 "train_acc": (logits.argmax(-1) == ckpt.train_labels).double().mean().item()}
+    tokens, labels = ckpt.training_rows(max_rows)
     row["n_rows"] = float(len(labels))
 
     objective = _Objective(model, tokens, labels, answer_objective)
