@@ -143,10 +143,10 @@ def test_restricted_loss_of_the_clock_algorithm():
 def test_fourier_row_by_the_fast_path_is_the_models_own(monkeypatch):
     """The fourier metric takes its logits and MLP activations from the fast path where it applies: in float64 its
     row equals the one from the model's own forward."""
-    import grokinterp.metrics.base as base
-    import grokinterp.metrics.fourier as fourier
     from conftest import tiny_config
 
+    import grokinterp.metrics.base as base
+    import grokinterp.metrics.fourier as fourier
     from grokinterp.metrics.base import Checkpoint
     from grokinterp.model import build_model
     from grokinterp.tasks import build_task

@@ -4,7 +4,6 @@ depends on r of the d parameters), honest standard errors, and purity on a tiny 
 import math
 
 import pandas as pd
-
 import pytest
 import torch
 from test_sharpness import ONE_ROW, Quadratic, gen, half_square, spd
@@ -148,8 +147,9 @@ def test_llc_is_asked_for_by_name_and_left_out_of_all(tiny_run, tmp_path, capsys
 
 
 def test_the_fast_forward_gives_the_model_forwards_chains(monkeypatch):
-    import grokinterp.metrics.sharpness as sharpness
     from conftest import tiny_config
+
+    import grokinterp.metrics.sharpness as sharpness
 
     cfg = tiny_config()
     data = build_task(cfg.task.op, cfg.task.p, cfg.task.n, cfg.task.frac_train, cfg.task.data_seed)

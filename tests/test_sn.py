@@ -204,6 +204,9 @@ def test_random_label_baseline_matches_its_expectation():
     W = np.random.default_rng(1).normal(size=(g.order, 16))
     labels = g.left_cosets(g.point_stabilizer(0))
     assert random_label_baseline(W, labels, n_draws=400) == pytest.approx(3 / 23, rel=0.15)
+    scores = coset_scores(W, g, {"stabilizer": [g.point_stabilizer(0)]}, n_draws=400)
+    se = scores["left_stabilizer_baseline_se"]
+    assert abs(scores["left_stabilizer_baseline"] - 3 / 23) < 4 * se and 0 < se < 0.01
     assert random_label_baseline(W, labels, n_draws=50, best_of=4) > random_label_baseline(W, labels, n_draws=50)
 
 

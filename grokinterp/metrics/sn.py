@@ -273,10 +273,22 @@ def random_label_baseline(
 ) -> float:
     """Mean over ``n_draws`` of the best ``coset_score`` among ``best_of`` random shuffles of ``labels`` (same
     label sizes). ``best_of`` = the number of conjugates makes it the fair baseline for a max over conjugates."""
+    return float(np.mean(random_label_draws(W, labels, n_draws, best_of, seed, method)))
+
+
+def random_label_draws(
+    W: RowMatrix,
+    labels: Int[np.ndarray, " order"],
+    n_draws: int = N_BASELINE_DRAWS,
+    best_of: int = 1,
+    seed: int = 0,
+    method: str = "variance",
+) -> Float[np.ndarray, " n_draws"]:
+    """The ``n_draws`` draws behind ``random_label_baseline``, for their spread."""
     W = _as_numpy(W)
     rng = np.random.default_rng(seed)
-    draws = [max(coset_score(W, rng.permutation(labels), method) for _ in range(best_of)) for _ in range(n_draws)]
-    return float(np.mean(draws))
+    return np.array([max(coset_score(W, rng.permutation(labels), method) for _ in range(best_of))
+                     for _ in range(n_draws)])
 
 
 def coset_scores(
@@ -289,15 +301,18 @@ def coset_scores(
 ) -> dict[str, float]:
     """For each subgroup family (default ``subgroup_families(group)``) and side: ``{side}_{family}``, the best
     score over the family's conjugates of the left (gH) or right (Hg) coset labelling, and
-    ``{side}_{family}_baseline``, the same for random labellings of the same sizes (shared by both sides)."""
+    ``{side}_{family}_baseline``, the same for random labellings of the same sizes (shared by both sides), with its
+    standard error over the draws, ``..._baseline_se``."""
     W = _as_numpy(W)
     _check_rows(W, group)
     out = {}
     for family, subgroups in (families or subgroup_families(group)).items():
         for side, cosets in (("left", group.left_cosets), ("right", group.right_cosets)):
             out[f"{side}_{family}"] = max(coset_score(W, cosets(h), method) for h in subgroups)
-        baseline = random_label_baseline(W, group.left_cosets(subgroups[0]), n_draws, len(subgroups), seed, method)
-        out[f"left_{family}_baseline"] = out[f"right_{family}_baseline"] = baseline
+        draws = random_label_draws(W, group.left_cosets(subgroups[0]), n_draws, len(subgroups), seed, method)
+        se = float(draws.std(ddof=1) / np.sqrt(len(draws))) if len(draws) > 1 else math.nan
+        for side in ("left", "right"):
+            out[f"{side}_{family}_baseline"], out[f"{side}_{family}_baseline_se"] = float(draws.mean()), se
     return out
 
 
