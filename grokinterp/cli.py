@@ -93,7 +93,7 @@ def _metric_catalogue() -> str:
         lines += textwrap.wrap(text, 110, initial_indent=f"  {name:<{width - 2}}", subsequent_indent=" " * width)
     lines += textwrap.wrap("A parameter that may be none (or all) takes the metric's own choice: every training row "
                            "for max_rows, no chunking for vmap_chunk, each checkpoint's own key frequencies for "
-                           "key_freqs.", 110)
+                           "key_freqs (and key irreps for key_irreps), n/log n of the n rows used for nbeta.", 110)
     return "\n".join(lines) + "\n"
 
 
