@@ -524,10 +524,7 @@ def calibrate_llc(
     available = run.steps
     if not available:
         raise AnalysisError(f"run {run.name} has no checkpoints yet")
-    step = available[-1] if step is None else step
-    if step not in available:
-        near = min(available, key=lambda s: abs(s - step))
-        raise AnalysisError(f"step {step} has no checkpoint; the nearest is {near}")
+    step = available[-1] if step is None else select_steps(available, str(step))[0]
     data = run.data.to(device)
     ckpt = Checkpoint(step=step, model=run.model(step, device=device), data=data, config=run.config, seed=seed)
     tokens, labels = ckpt.training_rows(effective["max_rows"])

@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 import torch
 
 from grokinterp.checkpoints import Run
-from grokinterp.metrics.fourier import fourier_basis, frequency_power
+from grokinterp.metrics.fourier import fourier_plane_basis, frequency_power
 from grokinterp.metrics.phases import phases_from_log
 from grokinterp.metrics.sn import irrep_fve, symmetric_group
 
@@ -95,9 +95,7 @@ def circle_frames(run: Run, k: int, steps: list[int] | None = None) -> go.Figure
     checkpoint: the tokens close into a circle, in the order k·x mod p, as the run groks."""
     steps = steps or run.steps
     p = run.data.n_symbols
-    basis, _ = fourier_basis(p)
-    final = basis[[2 * k - 1, 2 * k]] @ _embedding(run, run.steps[-1], p)  # cos_k and sin_k coefficient rows
-    plane, _ = torch.linalg.qr(final.T)  # orthonormal basis of that plane in d_model space
+    plane = fourier_plane_basis(_embedding(run, run.steps[-1], p), k)  # [d_model, 2], the last checkpoint's
     colour = (k * np.arange(p)) % p
 
     def traces(step: int):

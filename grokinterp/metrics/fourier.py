@@ -122,33 +122,42 @@ def restricted_and_excluded_loss(
     return restricted, excluded
 
 
-def fourier_plane(E: Float[torch.Tensor, "p d"], k: int) -> Float[torch.Tensor, "p r"]:
-    """Coordinates of the centred rows in the Fourier plane of frequency k: the span of the embedding's components
-    C_k = Σ_x cos(w_k x) E_x and S_k = Σ_x sin(w_k x) E_x (w_k = 2πk/p), in an orthonormal basis of that span.
-
-    r = 2, or 1 where C_k and S_k are parallel (or k = p/2, where sin vanishes), or 0 where the embedding has no
-    power at k. Each frequency has its own plane, so circles of equal radius at other frequencies cannot mix into
-    it the way they mix into tied principal components."""
-    p = E.shape[0]
+def fourier_plane_basis(E: Float[torch.Tensor, "p d"], k: int) -> Float[torch.Tensor, "d 2"]:
+    """An orthonormal basis (columns) of the Fourier plane of frequency k in embedding space: the span of the
+    centred embedding's components C_k = Σ_x cos(w_k x) E_x and S_k = Σ_x sin(w_k x) E_x (w_k = 2πk/p), the first
+    column along C_k. A column is 0 where the span has fewer dimensions: one where C_k and S_k are parallel (or
+    k = p/2, where sin vanishes), both where the embedding has no power at k. Each frequency has its own plane,
+    so circles of equal radius at other frequencies cannot mix into it the way they mix into tied principal
+    components."""
+    p, d = E.shape
     centred = E.to(torch.float64) - E.to(torch.float64).mean(dim=0, keepdim=True)
     w = 2 * math.pi * k / p * torch.arange(p, dtype=torch.float64)
     components = torch.stack([torch.cos(w), torch.sin(w)]) @ centred  # [2, d]: C_k, S_k
     _, s, vh = torch.linalg.svd(components, full_matrices=False)
     total = centred.square().sum()
-    keep = int((s.square() > 1e-20 * max(float(total), 1e-300) * p).sum())  # rounding noise is not a direction
-    return centred @ vh[:keep].T
+    rank = int((s.square() > 1e-20 * max(float(total), 1e-300) * p).sum())  # rounding noise is not a direction
+    basis = torch.zeros(d, 2, dtype=torch.float64)
+    if rank == 2:
+        basis = torch.linalg.qr(components.T).Q  # Gram-Schmidt of (C_k, S_k): well conditioned at full rank
+    elif rank == 1:
+        basis[:, 0] = vh[0]
+    return basis
 
 
-def circle_fit(coords: Float[torch.Tensor, "p r"], k: int) -> float:
-    """The fraction of Σ_x |z_x|² captured by the best circle a·e^{±i w_k x} through 2D points z_x (r ≤ 2 real
-    coordinates; a missing second one is 0): max(|Σ z_x e^{−i w_k x}|², |Σ z_x e^{i w_k x}|²) / (p Σ|z_x|²).
+def fourier_plane(E: Float[torch.Tensor, "p d"], k: int) -> Float[torch.Tensor, "p 2"]:
+    """Coordinates of the centred rows in the Fourier plane of frequency k (``fourier_plane_basis``)."""
+    centred = E.to(torch.float64) - E.to(torch.float64).mean(dim=0, keepdim=True)
+    return centred @ fourier_plane_basis(E, k)
+
+
+def circle_fit(coords: Float[torch.Tensor, "p 2"], k: int) -> float:
+    """The fraction of Σ_x |z_x|² captured by the best circle a·e^{±i w_k x} through 2D points z_x:
+    max(|Σ z_x e^{−i w_k x}|², |Σ z_x e^{i w_k x}|²) / (p Σ|z_x|²).
 
     1 exactly when the points lie on a circle centred at the origin, traversed in the order x ↦ kx mod p; ½ for
     points on a line, z_x ∝ cos(w_k x + φ) (half a circle each way); 0 for no points off the origin."""
     p = coords.shape[0]
-    if coords.shape[1] == 0:
-        return 0.0
-    z = torch.complex(coords[:, 0], coords[:, 1] if coords.shape[1] > 1 else torch.zeros_like(coords[:, 0]))
+    z = torch.complex(coords[:, 0], coords[:, 1])
     phase = torch.exp(-2j * math.pi * k * torch.arange(p, dtype=torch.float64) / p)
     norm = z.abs().pow(2).sum()
     if float(norm) == 0.0:
@@ -307,7 +316,6 @@ def circle_points(ckpt: Checkpoint, key_freqs: list[int] | None = None, max_pane
     out = []
     for k in (key_freqs or embedding_key_frequencies(ckpt))[:max_panels]:
         coords = fourier_plane(E, k)
-        coords = torch.cat([coords, torch.zeros(p, 2 - coords.shape[1], dtype=coords.dtype)], dim=1)
         score = circle_fit(coords, k)
         for x in range(p):
             out.append({"panel": f"W_E circle, k={k}", "token": x, "x": float(coords[x, 0]),

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 from jaxtyping import Float, Int
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import grad_and_value, vmap
 
 from grokinterp.denormals import flush_denormals
 from grokinterp.metrics.base import Checkpoint
@@ -89,16 +89,13 @@ def estimate_llc(
     if n_burnin >= n_draws:
         raise ValueError(f"n_burnin ({n_burnin}) must be below n_draws ({n_draws}): no draw would be kept")
     objective = _Objective(model, tokens, labels, loss_fn)
-    fixed = {name: t for name, t in objective.fixed.items() if name not in objective.theta}
     n_rows = len(labels)
     nbeta = default_nbeta(n_rows) if nbeta is None else nbeta
     with torch.no_grad():
         init_loss = objective.loss(objective.theta).item()
 
-    def batch_loss(theta, rows_tokens, rows_labels):  # the fast path's pure form where it applies (it vmaps)
-        if objective.fast:
-            return loss_fn(objective.outputs(theta, pure=True, tokens=rows_tokens), rows_labels)
-        return loss_fn(functional_call(model, {**fixed, **theta}, (rows_tokens,)), rows_labels)
+    def batch_loss(theta, rows_tokens, rows_labels):  # pure=True: the fast path's form that vmaps, where it applies
+        return loss_fn(objective.outputs(theta, pure=True, tokens=rows_tokens), rows_labels)
 
     grad_fn = vmap(grad_and_value(batch_loss))
     star = objective.theta

@@ -95,7 +95,7 @@ class Estimate(NamedTuple):
 
     @property
     def relative_error(self) -> float:
-        return abs(self.error / self.value) if self.value not in (0.0,) and math.isfinite(self.value) else math.nan
+        return abs(self.error / self.value) if self.value != 0 and math.isfinite(self.value) else math.nan
 
 
 def trainable_parameters(model: torch.nn.Module) -> Params:
@@ -588,7 +588,6 @@ def hessian_trace(
     krylov = _lanczos(hvp, deflate, generator, 0.0) if deflate > 0 else None
     return _hutchinson(hvp, generator, rel_error=rel_error, min_samples=min_samples, max_samples=max_samples,
                        krylov=krylov)
-
 
 
 @flush_denormals()

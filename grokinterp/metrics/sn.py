@@ -263,19 +263,6 @@ def coset_score(W: RowMatrix, labels: Int[np.ndarray, " order"], method: str = "
     return between / total
 
 
-def random_label_baseline(
-    W: RowMatrix,
-    labels: Int[np.ndarray, " order"],
-    n_draws: int = N_BASELINE_DRAWS,
-    best_of: int = 1,
-    seed: int = 0,
-    method: str = "variance",
-) -> float:
-    """Mean over ``n_draws`` of the best ``coset_score`` among ``best_of`` random shuffles of ``labels`` (same
-    label sizes). ``best_of`` = the number of conjugates makes it the fair baseline for a max over conjugates."""
-    return float(np.mean(random_label_draws(W, labels, n_draws, best_of, seed, method)))
-
-
 def random_label_draws(
     W: RowMatrix,
     labels: Int[np.ndarray, " order"],
@@ -284,7 +271,9 @@ def random_label_draws(
     seed: int = 0,
     method: str = "variance",
 ) -> Float[np.ndarray, " n_draws"]:
-    """The ``n_draws`` draws behind ``random_label_baseline``, for their spread."""
+    """For each of ``n_draws`` draws, the best ``coset_score`` among ``best_of`` random shuffles of ``labels`` (same
+    label sizes); their mean is the baseline. ``best_of`` = the number of conjugates makes it the fair baseline for
+    a max over conjugates."""
     W = _as_numpy(W)
     rng = np.random.default_rng(seed)
     return np.array([max(coset_score(W, rng.permutation(labels), method) for _ in range(best_of))
