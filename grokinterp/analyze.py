@@ -26,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 from grokinterp.checkpoints import DEFAULT_ROOT, RESUMABLE_FIELDS, Run, RunError, write_text_atomic
+from grokinterp.config import RunConfig
 from grokinterp.errors import AnalysisError
 from grokinterp.metrics import METRICS, Metric
 from grokinterp.metrics.base import Checkpoint
@@ -124,10 +125,11 @@ def _parameter_names(fn) -> list[str]:
 
 
 def effective_params(metric: Metric, prepared: dict[str, Any] | None = None,
-                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                     overrides: dict[str, Any] | None = None, config: RunConfig | None = None) -> dict[str, Any]:
     """The parameters ``metric.fn`` is called with: its own defaults, then what ``prepare`` computed for the run,
-    then ``overrides``, each checked against the parameter's type and range (``check_param``). Defaults are spelled
-    out so that changing one in the code changes the cache key."""
+    then ``overrides``, each checked against the parameter's type and range (``check_param``), and all of them
+    together against the run's ``config`` (``Metric.check``) when it is given. Defaults are spelled out so that
+    changing one in the code changes the cache key."""
     names = _parameter_names(metric.fn)
     unknown = [k for k in overrides or {} if k not in names]
     if unknown:
@@ -137,7 +139,11 @@ def effective_params(metric: Metric, prepared: dict[str, Any] | None = None,
         check_param(metric, name, value)
     defaults = {name: p.default for name, p in inspect.signature(metric.fn).parameters.items()
                 if name in names and p.default is not inspect.Parameter.empty}
-    return {**defaults, **(prepared or {}), **(overrides or {})}
+    params = {**defaults, **(prepared or {}), **(overrides or {})}
+    problem = metric.check(params, config) if metric.check is not None and config is not None else None
+    if problem:
+        raise AnalysisError(f"metric {metric.name!r}: {problem}")
+    return params
 
 
 # What a numeric parameter (or each item of a list) must satisfy: "positive" unless the metric names another rule.
@@ -361,26 +367,14 @@ def analyze(
         raise AnalysisError(f"run {run.name} has no checkpoints yet")
     chosen = select_steps(available, steps)
     overrides = params or {}
-    effective_params(metric, overrides=overrides)  # refuse an unknown parameter or a bad value before any work
-    if overrides.get("key_irreps"):
-        from grokinterp.metrics.sn import symmetric_group
-
-        names = symmetric_group(run.config.task.n).irrep_aliases
-        unknown = [k for k in overrides["key_irreps"] if k not in names]
-        if unknown:
-            raise AnalysisError(f"metric {metric.name!r}: S_{run.config.task.n} has no irrep {unknown[0]!r}; choose "
-                                f"from: {', '.join(names)}")
-    n_freqs = run.config.task.p // 2
-    if any(not 1 <= k <= n_freqs for k in overrides.get("key_freqs") or []):
-        raise AnalysisError(f"metric {metric.name!r}: key_freqs must lie in 1..{n_freqs} (p = {run.config.task.p}), "
-                            f"got {overrides['key_freqs']}")
+    effective_params(metric, overrides=overrides, config=run.config)  # refuse a bad parameter before any work
     data = run.data.to(device)
 
     def checkpoint(step: int) -> Checkpoint:
         return Checkpoint(step=step, model=run.model(step, device=device), data=data, config=run.config, seed=seed)
 
     prepared = metric.prepare(checkpoint(available[-1])) if metric.prepare else {}
-    params = effective_params(metric, prepared, overrides)
+    params = effective_params(metric, prepared, overrides, run.config)
     key = {"format": CACHE_FORMAT, "run": run_identity(run), "metric": metric.name, "version": metric.version,
            "params": params, "seed": seed}
     cache_path = out / ".cache" / f"{metric.name}.jsonl"
@@ -520,7 +514,7 @@ def calibrate_llc(
             raise AnalysisError(f"every {name} must be a positive number, got {values}")
     if not step_sizes:
         raise AnalysisError("give at least one step size, e.g. 1e-5,1e-4,1e-3")
-    effective = effective_params(metric, overrides=overrides)
+    effective = effective_params(metric, overrides=overrides, config=run.config)
     available = run.steps
     if not available:
         raise AnalysisError(f"run {run.name} has no checkpoints yet")

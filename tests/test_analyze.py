@@ -338,6 +338,7 @@ def test_params_from_the_command_line_are_typed_and_key_the_cached_rows(tiny_run
     ("sharpness", "acc_target=1.5", "metric 'sharpness': acc_target must be in (0, 1], got 1.5"),
     ("sharpness", "max_rows=-3", "metric 'sharpness': max_rows must be > 0, got -3"),
     ("sharpness", "rel_error=0", "metric 'sharpness': rel_error must be in (0, 1], got 0.0"),
+    ("llc", "n_burnin=600", "metric 'llc': n_burnin (600) must be below n_draws (500), or no draw is kept"),
 ])
 def test_a_bad_param_is_one_line_and_writes_nothing(tiny_run, tmp_path, capsys, metric, param, message):
     args = ["analyze", str(tiny_run.path), "--metric", metric, "--out", str(tmp_path), "--param", param]

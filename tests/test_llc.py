@@ -128,7 +128,8 @@ def test_calibration_writes_a_table_traces_and_a_figure_and_refuses_bad_input(ti
                          (["--step-sizes", "0,1e-4"], "every step size must be a positive number"),
                          (["--param", "step_size=1e-3"], "calibrate-llc sweeps step_size"),
                          (["--step", "999999"], "step 999999 has no checkpoint"),
-                         (["--param", "n_chains=0"], "n_chains must be > 0")):
+                         (["--param", "n_chains=0"], "n_chains must be > 0"),
+                         (["--param", "n_burnin=600"], "n_burnin (600) must be below n_draws (500)")):
         assert main(["calibrate-llc", str(tiny_run.path), "--out", str(tmp_path / "bad"), *bad]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err

@@ -50,6 +50,15 @@ def default_nbeta(n_rows: int) -> float:
     return n_rows / math.log(n_rows) if n_rows > 1 else 1.0
 
 
+def check_llc_params(params: dict, config: object = None) -> str | None:
+    """What ``estimate_llc`` would refuse, as one line: the ``llc`` metric's ``Metric.check`` (it needs nothing
+    from the run's ``config``)."""
+    if params["n_burnin"] >= params["n_draws"]:
+        return (f"n_burnin ({params['n_burnin']}) must be below n_draws ({params['n_draws']}), or no draw is kept; "
+                f"lower n_burnin or raise n_draws")
+    return None
+
+
 class LLCEstimate(NamedTuple):
     value: float
     """Mean of the chains' estimates (nan if any chain diverged)."""
@@ -86,8 +95,9 @@ def estimate_llc(
     """λ̂ at the model's weights on the given rows by ``n_chains`` SGLD chains of ``n_draws`` steps (module
     docstring for the maths). ``nbeta`` defaults to ``default_nbeta(len(labels))``. The chains run side by side as
     one batched computation (``torch.func.vmap`` over the chain axis), each on its own minibatches and noise."""
-    if n_burnin >= n_draws:
-        raise ValueError(f"n_burnin ({n_burnin}) must be below n_draws ({n_draws}): no draw would be kept")
+    problem = check_llc_params({"n_burnin": n_burnin, "n_draws": n_draws})
+    if problem:
+        raise ValueError(problem)
     objective = _Objective(model, tokens, labels, loss_fn)
     n_rows = len(labels)
     nbeta = default_nbeta(n_rows) if nbeta is None else nbeta
