@@ -422,3 +422,5 @@ def test_phase_labels_of_short_phases_do_not_collide():
         if row_a == row_b:  # two labels on one row leave room for both texts
             assert x_b - x_a >= (n_a + n_b) / 2 * 6.5 / 900 * decades
     assert len({row for row, _, _ in placed}) > 1  # the layout needed a second row here
+    shading = [(s.x0, s.x1) for s in fig.layout.shapes if s.type == "rect" and (s.yref, s.y0, s.y1) == ("paper", 0, 1)]
+    assert shading == [(1, 200), (200, 2200), (2200, 2300), (2300, 2600)]  # one band per phase, over every panel
