@@ -117,10 +117,13 @@ def test_neurons_of_one_frequency():
     b = torch.arange(p, dtype=torch.float64)[None, :]
     pure = torch.relu(torch.cos(w * (a + b)) + 0.3)  # relu of a frequency-k function: harmonics of k appear
     mixed = torch.cos(w * a) + torch.cos(2 * math.pi * 2 * b / p)
-    fractions = neuron_frequency_fractions(torch.stack([torch.cos(w * (a + b)), mixed, pure], dim=2))
+    acts = torch.stack([torch.cos(w * (a + b)), mixed, pure], dim=2)
+    fractions = neuron_frequency_fractions(acts)
     assert fractions[0, k - 1] == pytest.approx(1.0)
     assert fractions[1].max() == pytest.approx(0.5)
     assert fractions.sum(dim=1).le(1 + 1e-9).all()
+    # float32 activations are transformed in float32: the same fractions to float32 rounding
+    assert (neuron_frequency_fractions(acts.float()) - fractions).abs().max() < 1e-5
 
 
 def test_restricted_loss_of_the_clock_algorithm():

@@ -89,7 +89,7 @@ register(Metric("weight-norm", weight_norm_metrics, "Σ‖θ‖² in total and p
                 version=1))
 register(Metric("fourier", fourier_metrics, "Fourier power of W_E/W_U per frequency, sparsity, neurons explained "
                 "by one frequency, restricted and excluded loss", families=("mod",), prepare=_final_key_freqs,
-                check=_check_key_freqs, version=1))
+                check=_check_key_freqs, version=2))
 register(Metric("circles", circle_metrics, "how well the embedding sits on a circle in the Fourier plane of each "
                 "key frequency, beside the chance level of random embeddings of the same shape",
                 families=("mod",), prepare=_final_key_freqs, points=circle_points, check=_check_key_freqs, version=2))
