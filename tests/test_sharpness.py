@@ -186,6 +186,76 @@ def test_sigma_star_is_larger_for_a_flatter_quadratic():
     assert s_sharp.value == pytest.approx(math.sqrt(2 * target / a.trace().item()), rel=0.08)
 
 
+class Counted:
+    """A curve σ ↦ f(σ) that records the σs it was evaluated at."""
+
+    def __init__(self, f):
+        self.f, self.calls = f, []
+
+    def __call__(self, sigma: float) -> float:
+        self.calls.append(sigma)
+        return self.f(sigma)
+
+
+SEARCH = dict(growth=2.0, rtol=0.02, max_iter=14, sigma_min=1e-6, sigma_max=10.0)
+
+
+def assert_brackets(curve, bracket, target: float, rtol: float = 0.02) -> None:
+    assert curve.f(bracket.lo) < target <= curve.f(bracket.hi) and bracket.hi <= bracket.lo * (1 + rtol)
+
+
+@pytest.mark.parametrize(("exponent", "evaluations"), [(1.0, 5), (2.0, 4), (3.0, 4)])
+def test_crossing_of_a_power_law_takes_four_or_five_evaluations(exponent, evaluations):
+    """f = (σ/σ*)^a · target: the first step (exponent 2 assumed) brackets it unless a < 2 (then the second does),
+    the line through the bracket in log-log is exact, and two probes close it to 2%, where a geometric search and
+    bisection took eight."""
+    from grokinterp.metrics.sharpness import _find_crossing
+
+    root, target = 0.0237, 0.1
+    curve = Counted(lambda s: target * (s / root) ** exponent)
+    bracket = _find_crossing(curve, target, sigma_init=0.01, **SEARCH)
+    assert_brackets(curve, bracket, target)
+    assert bracket.lo == pytest.approx(root, rel=0.02)
+    assert len(curve.calls) == evaluations
+
+
+@pytest.mark.parametrize("shape", ["bent", "steps", "negative_start", "flat_then_cliff"])
+def test_crossing_keeps_its_bracket_on_curves_far_from_a_power_law(shape):
+    """The contract f(lo) < target <= f(hi), hi/lo <= 1 + rtol holds on curves where secants mislead: log f bending
+    from σ³ to σ¹⁰, a staircase (an accuracy drop counts rows), an effect that starts negative (the noise helps),
+    and a flat curve with a cliff; the midpoint fallback keeps each within bisection's number of evaluations."""
+    from grokinterp.metrics.sharpness import _find_crossing
+
+    target = 0.1
+    f = {"bent": lambda s: math.exp(2000 * s**2) * (s / 0.01) ** 3 * 1e-5,
+         "steps": lambda s: math.floor(40 * s / 0.03) / 400,
+         "negative_start": lambda s: 50 * s**2 - 0.01,
+         "flat_then_cliff": lambda s: 1e-9 if s < 0.2 else 5.0}[shape]
+    curve = Counted(f)
+    bracket = _find_crossing(curve, target, sigma_init=0.01, **SEARCH)
+    assert_brackets(curve, bracket, target)
+    assert len(curve.calls) <= 16
+
+
+def test_crossing_starts_from_known_points_and_its_limits():
+    from grokinterp.metrics.sharpness import _find_crossing
+
+    target = 0.1
+    curve = Counted(lambda s: 1e3 * s**2)  # crossing at 0.01
+    known = [(s, curve.f(s)) for s in (0.001, 0.008, 0.013, 0.5)]
+    bracket = _find_crossing(curve, target, sigma_init=5.0, known=known, **SEARCH)
+    assert_brackets(curve, bracket, target)
+    assert all(0.008 < s < 0.013 for s in curve.calls) and len(curve.calls) <= 3  # never left the known bracket
+    # known points that contradict each other (not monotone) are ignored: a fresh search from sigma_init
+    curve.calls.clear()
+    bracket = _find_crossing(curve, target, sigma_init=0.02, known=[(0.008, 1.0), (0.013, 0.0)], **SEARCH)
+    assert_brackets(curve, bracket, target) and curve.calls[0] == 0.02
+    # no σ up to sigma_max reaches the target: inf; even sigma_min does: 0
+    assert _find_crossing(lambda s: 1e-3 * s, target, sigma_init=0.01, **SEARCH) == (math.inf, math.inf)
+    lo, hi = _find_crossing(lambda s: 1.0, target, sigma_init=0.01, **SEARCH)
+    assert lo == 0.0 and hi == SEARCH["sigma_min"]
+
+
 def test_sigma_star_brackets_the_target(trained):
     model, tokens, labels, _, _ = trained
     rtol = 0.02

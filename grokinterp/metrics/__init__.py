@@ -101,12 +101,12 @@ register(Metric("irreps", irrep_metrics, "fraction of W_E/W_U variance in each i
                 "and for the key irreps (the last checkpoint's)", families=("perm",),
                 prepare=_final_key_irreps, param_rules={"threshold": "fraction"}, check=_check_key_irreps, version=2))
 register(Metric("sharpness", sharpness_metrics, "training-loss sharpness under weight perturbation: expected loss "
-                "increase at fixed σ, σ* by bisection (plain and magnitude-aware), ε-sharpness (maximized), Hessian "
+                "increase at fixed σ, σ* by a secant search (plain and magnitude-aware), ε-sharpness (maximized), Hessian "
                 "top eigenvalue (Lanczos) and trace (Hutchinson, deflated); each sampled column X with X_se, drawn "
                 "until rel_error or a budget",
                 param_rules={"magnitude_eps": "nonnegative", "eps_steps": "nonnegative", "acc_target": "fraction",
                              "rel_error": "fraction"},
-                version=2))
+                version=3))
 register(Metric("softmax-collapse", softmax_collapse_metrics, "share of training rows whose float32/float64 "
                 "softmax gives the correct class probability exactly 1, share of exactly-zero gradient entries, mean "
                 "logit norm and margin (Prieto et al. 2025)", version=1))

@@ -35,7 +35,7 @@ with a custom ``loss_fn`` (e.g. a quadratic of the outputs) the known closed for
 import itertools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
 import torch
@@ -229,6 +229,12 @@ class _NoiseCurve:
             self._cache[sigma] = (losses, accs)
         return losses[: self.n], accs[: self.n]
 
+    def known(self, column: int) -> list[tuple[float, float]]:
+        """(σ, mean effect) at every σ already evaluated on all n draws: column 0 the loss rise, 1 the accuracy
+        drop."""
+        return [(sigma, float(values[column][: self.n].mean())) for sigma, values in self._cache.items()
+                if len(values[0]) >= self.n]
+
     def __call__(self, sigma: float) -> PerturbationEffect:
         losses, accs = self.per_draw(sigma)
         (loss, loss_se), (acc, acc_se) = _mean_and_se(losses), _mean_and_se(accs)
@@ -269,10 +275,14 @@ class _Bracket(NamedTuple):
     """The smallest σ known to reach it; inf when no σ <= sigma_max does."""
 
 
-def _power_law_step(points: list[tuple[float, float]], target: float, up: bool, growth: float) -> float:
+Point = tuple[float, float]
+"""(σ, mean effect at σ)."""
+
+
+def _power_law_step(points: list[Point], target: float, up: bool, growth: float) -> float:
     """The next σ of a search that has not yet bracketed the target: where the power law through the last two
-    probes (exponent 2, the quadratic regime, from one probe or a slope that makes no sense) reaches it, 10% past
-    so that the step brackets it, at most ×/÷16; ×/÷ ``growth`` where the last effect is not positive."""
+    probes (exponent 2, the quadratic regime, from one probe or from a slope that makes no sense) reaches it, 10%
+    past so that the step brackets it, at most ×/÷4; ×/÷ ``growth`` where the last effect is not positive."""
     s1, f1 = points[-1]
     if f1 <= 0:
         return s1 * growth if up else s1 / growth
@@ -281,21 +291,30 @@ def _power_law_step(points: list[tuple[float, float]], target: float, up: bool, 
         s0, f0 = points[-2]
         if f0 > 0 and s0 != s1:
             slope = math.log(f1 / f0) / math.log(s1 / s0)
-            exponent = min(max(slope, 0.5), 8.0) if slope > 0 else 2.0
+            exponent = min(max(slope, 0.5), 16.0) if slope > 0 else 2.0
     ratio = (target / f1) ** (1 / exponent) * (1.1 if up else 1 / 1.1)
-    return s1 * min(max(ratio, 1 / 16), 16.0)
+    return s1 * min(max(ratio, 1 / 4), 4.0)
 
 
-def _interpolated_crossing(lo: tuple[float, float], hi: tuple[float, float], target: float) -> float:
-    """Where the straight line through (log σ, log effect) at the bracket's ends reaches the target (through
-    (log σ, effect) when the lower effect is not positive)."""
-    (s0, f0), (s1, f1) = lo, hi
-    if f0 > 0:
-        y0, y1, y = math.log(f0), math.log(f1), math.log(target)
-    else:
-        y0, y1, y = f0, f1, target
-    t = (y - y0) / (y1 - y0)  # f0 < target <= f1: 0 < t <= 1
-    return math.exp(math.log(s0) + t * math.log(s1 / s0))
+def _interpolated_crossing(lo: Point, hi: Point, points: list[Point], target: float) -> float:
+    """Where the effect reaches the target inside the bracket (lo, hi): by inverse quadratic interpolation of
+    log σ against log effect through the three probes nearest the target in log effect (the curve bends in
+    log-log: a memorized model's loss rise steepens from ~σ³ to ~σ¹⁰ within a factor 4 of σ), else by the line
+    through the nearest two (a local power law), else by the line through (log σ, effect) at lo and hi (when
+    nothing below the target has a positive effect); the first whose answer lies inside the bracket."""
+    low, high = math.log(lo[0]), math.log(hi[0])
+    y = math.log(target)
+    near = sorted(((math.log(s), math.log(f)) for s, f in points if f > 0), key=lambda p: abs(p[1] - y))
+    for count in (3, 2):
+        xs, ys = zip(*near[:count]) if len(near) >= count else ((), ())
+        if len(set(ys)) < count:
+            continue
+        x = sum(xs[i] * math.prod((y - ys[j]) / (ys[i] - ys[j]) for j in range(count) if j != i)
+                for i in range(count))
+        if low < x < high:
+            return math.exp(x)
+    t = (target - lo[1]) / (hi[1] - lo[1])  # lo's effect < target <= hi's: 0 < t <= 1
+    return math.exp(low + t * (high - low))
 
 
 def _find_crossing(
@@ -307,38 +326,48 @@ def _find_crossing(
     max_iter: int,
     sigma_min: float,
     sigma_max: float,
+    known: Sequence[Point] = (),
 ) -> _Bracket:
     """The crossing of ``target`` by effect(σ), by secant steps on log effect against log σ.
 
     A perturbation's mean effect grows as a power of σ while it is small (as σ² for the loss: ½σ² zᵀHz), so
-    log effect is nearly linear in log σ there, and a secant lands near the crossing in a step or two, where a
-    geometric bracket search and bisection to 2% took eight to ten (each one an evaluation of every draw):
+    log effect is nearly linear in log σ there, and secants land near the crossing in far fewer evaluations (each
+    one of every draw) than a geometric bracket search and bisection:
 
-    - bracketing: from ``sigma_init``, step to where the power law through the last two probes reaches the
-      target (``_power_law_step``), never past ``sigma_min`` or ``sigma_max``;
-    - closing: interpolate the crossing r inside the bracket and probe r·(1 + rtol)^±0.45 on the side of the
-      farther end, so that an accurate r closes the bracket to hi/lo <= 1 + rtol in two probes; a probe that
-      leaves more than half the bracket's log width (plus the tolerance) is followed by the geometric midpoint,
-      which keeps bisection's guarantee where the curve is far from a power law.
+    - start: ``known`` points (σs already evaluated on the same curve, e.g. by another target's search), whose
+      largest σ below the target and smallest at or above it bracket it for free; else one probe at
+      ``sigma_init``;
+    - bracketing: step to where the power law through the last two probes reaches the target
+      (``_power_law_step``), never past ``sigma_min`` or ``sigma_max``;
+    - closing: interpolate the crossing r inside the bracket (``_interpolated_crossing``) and probe
+      r·(1 + rtol)^±0.3 on the side of the farther end, so that an accurate r closes the bracket to
+      hi/lo <= 1 + rtol in two probes; after two probes in a row that each leave more than half the bracket's
+      log width (plus the tolerance), the geometric midpoint, which keeps bisection's guarantee on any monotone
+      curve.
 
     Keeps effect(lo) < target <= effect(hi); stops when hi/lo <= 1 + rtol or after ``max_iter`` closing probes.
     lo is the answer (a σ known to stay below the target); hi = inf if no σ <= sigma_max reaches the target, and
     lo = 0.0 if even sigma_min does.
     """
-    points: list[tuple[float, float]] = []
-    lo: tuple[float, float] | None = None
-    hi: tuple[float, float] | None = None
+    below = sorted(p for p in known if p[1] < target)
+    above = sorted(p for p in known if p[1] >= target)
+    if below and above and below[-1][0] > above[0][0]:
+        below = above = []  # a curve not monotone over the known points: start afresh
+    points: list[Point] = (below + above) if below and above else below[-2:] if below else above[:2][::-1]
+    lo: Point | None = below[-1] if below else None
+    hi: Point | None = above[0] if above else None
 
     def probe(sigma: float) -> None:
         nonlocal lo, hi
         value = effect(sigma)
         points.append((sigma, value))
         if value < target:
-            lo = (sigma, value)  # every probe lies beyond the current end it replaces (bracketing) or inside
+            lo = (sigma, value)  # every probe lies beyond the end it replaces (bracketing) or inside the bracket
         else:
             hi = (sigma, value)
 
-    probe(sigma_init)
+    if not points:
+        probe(sigma_init)
     while lo is None or hi is None:
         up = hi is None
         if up and lo[0] >= sigma_max:
@@ -348,20 +377,25 @@ def _find_crossing(
         step = _power_law_step(points, target, up, growth)
         probe(min(step, sigma_max) if up else max(step, sigma_min))
     tolerance = math.log1p(rtol)
-    midpoint = False
+    slow = 0  # interpolation probes in a row that left more than half the bracket (plus the tolerance)
     for _ in range(max_iter):
         width = math.log(hi[0] / lo[0])
         if width <= tolerance:
             break
-        if midpoint:
+        bisect = slow >= 2
+        if bisect:
             sigma = math.sqrt(lo[0] * hi[0])
         else:
-            r = _interpolated_crossing(lo, hi, target)
+            r = _interpolated_crossing(lo, hi, points, target)
             toward_lo = math.log(r / lo[0]) >= math.log(hi[0] / r)
-            sigma = r * math.exp(-0.45 * tolerance if toward_lo else 0.45 * tolerance)
-            sigma = min(max(sigma, lo[0] * math.exp(0.1 * width)), hi[0] * math.exp(-0.1 * width))  # inside
+            sigma = r * math.exp(-0.3 * tolerance if toward_lo else 0.3 * tolerance)
+            margin = min(0.1 * width, 0.2 * tolerance)
+            sigma = min(max(sigma, lo[0] * math.exp(margin)), hi[0] * math.exp(-margin))  # strictly inside
         probe(sigma)
-        midpoint = math.log(hi[0] / lo[0]) > 0.5 * width + tolerance
+        if bisect:
+            slow = 1  # one interpolation after a midpoint; should it fail to halve the bracket too, another midpoint
+        else:
+            slow = slow + 1 if math.log(hi[0] / lo[0]) > 0.5 * width + tolerance else 0
     return _Bracket(lo[0], hi[0])
 
 
@@ -373,7 +407,7 @@ def _sigma_star_on(curve: _NoiseCurve, target: float, kind: str, **search) -> Es
     column = 0 if kind == "loss" else 1
     if kind == "accuracy" and curve.base_acc < target:
         return Estimate(math.nan, math.nan, curve.n)  # the accuracy cannot drop by more than it is: σ* undefined
-    bracket = _find_crossing(lambda s: curve(s)[column], target, **search)
+    bracket = _find_crossing(lambda s: curve(s)[column], target, known=curve.known(column), **search)
     if not 0 < bracket.lo < math.inf:
         return Estimate(bracket.lo, math.nan, curve.n)
     at_lo, at_hi = curve(bracket.lo), curve(bracket.hi)
