@@ -18,7 +18,7 @@ import math
 import os
 import types
 import typing
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -332,6 +332,21 @@ def analysis_dir(run: Run | str | os.PathLike, out_root: str | os.PathLike = DEF
     return Path(out_root) / f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
 
 
+@dataclass
+class _Job:
+    """One metric's share of an analysis: its parameters and cache key, the rows it has, the steps it lacks."""
+
+    metric: Metric
+    shown: dict[str, Any]
+    """The parameters named in the figure's title: what ``prepare`` computed and what the caller overrode."""
+    params: dict[str, Any]
+    key: dict[str, Any]
+    cache_path: Path
+    cached: dict[int, dict[str, Any]]
+    todo: set[int]
+    computed: int = 0
+
+
 def analyze(
     run: Run,
     metric_name: str,
@@ -346,39 +361,79 @@ def analyze(
 ) -> AnalysisResult:
     """Compute ``metric_name`` on the selected checkpoints of ``run``; write its table and figure. ``params``
     overrides the metric function's keyword parameters (see ``effective_params``)."""
-    metric = get_metric(metric_name, run)
+    return analyze_metrics(run, [metric_name], steps=steps, out_root=out_root, device=device, seed=seed,
+                           params={metric_name: params or {}}, skip_corrupt=skip_corrupt, progress=progress)[0]
+
+
+def analyze_metrics(
+    run: Run,
+    metric_names: list[str],
+    *,
+    steps: str | None = None,
+    out_root: str | os.PathLike = DEFAULT_ANALYSES,
+    device: str = "cpu",
+    seed: int = 0,
+    params: dict[str, dict[str, Any]] | None = None,
+    skip_corrupt: bool = False,
+    progress: bool = True,
+) -> list[AnalysisResult]:
+    """Compute each metric of ``metric_names`` on the selected checkpoints of ``run``, and write each one's table
+    and figure; ``params`` maps a metric's name to its overrides. One result per metric, in the order given.
+
+    The loop runs over checkpoints, not metrics: each checkpoint is read once and every metric that lacks its row
+    gets the same ``Checkpoint``, so they share its forward passes (``Checkpoint.train_logits``,
+    ``table_logits``). Every parameter of every metric is checked before any work."""
+    metrics = [get_metric(name, run) for name in metric_names]
+    overrides = {m.name: (params or {}).get(m.name, {}) for m in metrics}
     log_rows = run.store.read_metrics()
     phases = phases_from_log(log_rows)
     log_frame = pd.DataFrame(log_rows)
     out = analysis_dir(run, out_root)
-    csv_path, html_path = out / f"{metric.name}.csv", out / f"{metric.name}.html"
+    results: dict[str, AnalysisResult] = {}
 
-    if metric.fn is None:  # phases: a table of boundaries, and the training curves with them shaded
-        if params:
-            raise AnalysisError(f"metric {metric.name!r} has no parameters; drop {', '.join(params)}")
+    for metric in (m for m in metrics if m.fn is None):  # phases: a table of boundaries, and the training curves
+        if overrides[metric.name]:
+            raise AnalysisError(f"metric {metric.name!r} has no parameters; drop {', '.join(overrides[metric.name])}")
+    per_checkpoint = [m for m in metrics if m.fn is not None]
+    for metric in per_checkpoint:  # refuse a bad parameter before any work
+        effective_params(metric, overrides=overrides[metric.name], config=run.config)
+    if per_checkpoint and not run.steps:
+        raise AnalysisError(f"run {run.name} has no checkpoints yet")
+    for metric in (m for m in metrics if m.fn is None):
         table = pd.DataFrame([phases.as_row()])
+        csv_path, html_path = out / f"{metric.name}.csv", out / f"{metric.name}.html"
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(csv_path, table.to_csv(index=False))
         _write_html([training_figure(f"{run.name}: phases", log_frame, phases)], html_path)
-        return AnalysisResult(metric.name, table, csv_path, html_path, 0, [])
+        results[metric.name] = AnalysisResult(metric.name, table, csv_path, html_path, 0, [])
+    if per_checkpoint:
+        results.update(_analyze_checkpoints(run, per_checkpoint, overrides, steps=steps, out=out, device=device,
+                                            seed=seed, skip_corrupt=skip_corrupt, progress=progress,
+                                            log_frame=log_frame, phases=phases))
+    return [results[m.name] for m in metrics]
 
+
+def _analyze_checkpoints(run: Run, metrics: list[Metric], overrides: dict[str, dict[str, Any]], *, steps: str | None,
+                         out: Path, device: str, seed: int, skip_corrupt: bool, progress: bool,
+                         log_frame: pd.DataFrame, phases: Phases) -> dict[str, AnalysisResult]:
     available = run.steps
-    if not available:
-        raise AnalysisError(f"run {run.name} has no checkpoints yet")
     chosen = select_steps(available, steps)
-    overrides = params or {}
-    effective_params(metric, overrides=overrides, config=run.config)  # refuse a bad parameter before any work
     data = run.data.to(device)
 
     def checkpoint(step: int) -> Checkpoint:
         return Checkpoint(step=step, model=run.model(step, device=device), data=data, config=run.config, seed=seed)
 
-    prepared = metric.prepare(checkpoint(available[-1])) if metric.prepare else {}
-    params = effective_params(metric, prepared, overrides, run.config)
-    key = {"format": CACHE_FORMAT, "run": run_identity(run), "metric": metric.name, "version": metric.version,
-           "params": params, "seed": seed}
-    cache_path = out / ".cache" / f"{metric.name}.jsonl"
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    last = checkpoint(available[-1])
+    jobs: list[_Job] = []
+    for metric in metrics:
+        prepared = metric.prepare(last) if metric.prepare else {}
+        params = effective_params(metric, prepared, overrides[metric.name], run.config)
+        key = {"format": CACHE_FORMAT, "run": run_identity(run), "metric": metric.name, "version": metric.version,
+               "params": params, "seed": seed}
+        jobs.append(_Job(metric, {**prepared, **overrides[metric.name]}, params, key,
+                         out / ".cache" / f"{metric.name}.jsonl", {}, set()))
+    del last
+    (out / ".cache").mkdir(parents=True, exist_ok=True)
     skipped: list[int] = []
 
     def skip(step: int, err: RunError) -> None:
@@ -387,7 +442,9 @@ def analyze(
         log.warning("skipping step %d: %s", step, err)
         skipped.append(step)
 
-    with _exclusive(cache_path.with_suffix(".lock"), f"{run.path} for {metric.name}"):
+    with ExitStack() as stack:
+        for job in sorted(jobs, key=lambda j: j.metric.name):  # one order for every process: no deadlock
+            stack.enter_context(_exclusive(job.cache_path.with_suffix(".lock"), f"{run.path} for {job.metric.name}"))
         digests: dict[int, str] = {}
         wanted = set(chosen)
         for step in available:
@@ -396,43 +453,53 @@ def analyze(
             except RunError as err:
                 if step in wanted:
                     skip(step, err)  # an unselected step with a bad header is simply not in the table
-        cached = _read_cache(cache_path, key, digests)
-        todo = [s for s in chosen if s not in cached and s in digests]
-        bar = _bar(progress, len(todo), f"{run.name} {metric.name}")
-        computed = 0
-        with open(cache_path, "a") as cache_file:
-            if not _ends_a_line(cache_path):
-                cache_file.write("\n")  # end a killed writer's torn line, so the next row starts on its own line
-            for step in todo:
-                try:
-                    ckpt = checkpoint(step)
-                except RunError as err:
-                    skip(step, err)
-                    continue
-                row = {"step": step, **metric.fn(ckpt, **params)}
-                cached[step] = row
-                computed += 1
-                cache_file.write(json.dumps({"key": {**key, "weights": digests[step]}, "row": row}) + "\n")
+        files = {}
+        for job in jobs:
+            job.cached = _read_cache(job.cache_path, job.key, digests)
+            job.todo = {s for s in chosen if s not in job.cached and s in digests}
+            files[job.metric.name] = stack.enter_context(open(job.cache_path, "a"))
+            if not _ends_a_line(job.cache_path):
+                files[job.metric.name].write("\n")  # end a killed writer's torn line: the next row starts afresh
+        todo = sorted(set().union(*(job.todo for job in jobs)))
+        bar = _bar(progress, len(todo), f"{run.name} {', '.join(job.metric.name for job in jobs)}")
+        for step in todo:
+            try:
+                ckpt = checkpoint(step)
+            except RunError as err:
+                skip(step, err)
+                continue
+            for job in (j for j in jobs if step in j.todo):
+                row = {"step": step, **job.metric.fn(ckpt, **job.params)}
+                job.cached[step] = row
+                job.computed += 1
+                cache_file = files[job.metric.name]
+                cache_file.write(json.dumps({"key": {**job.key, "weights": digests[step]}, "row": row}) + "\n")
                 cache_file.flush()
-                if bar is not None:
-                    bar.update(1)
+            if bar is not None:
+                bar.update(1)
         if bar is not None:
             bar.close()
+        return {job.metric.name: _write_outputs(run, job, out, checkpoint, log_frame, phases, skipped) for job in jobs}
 
-        # every checkpoint of this run with a row for this key, also those computed by an earlier --steps
-        table = pd.DataFrame([cached[s] for s in sorted(cached)])
-        shown = {**prepared, **overrides}  # not every default: sharpness alone has fifteen
-        title = f"{run.name}: {metric.name}" + (f"  ({_describe_params(shown)})" if shown else "")
-        figures = [metric_figure(title, table, log_frame, phases)]
-        if metric.points is not None:
-            labels = snapshot_steps(sorted(cached), phases)  # only checkpoints that were read successfully
-            points = pd.DataFrame([{"step": step, **p} for step in labels
-                                   for p in metric.points(checkpoint(step), **_accepted(metric.points, params))])
-            write_text_atomic(out / f"{metric.name}_points.csv", points.to_csv(index=False))
-            figures.append(points_figure(f"{run.name}: {metric.name} at the phase boundaries", points, labels))
-        write_text_atomic(csv_path, table.to_csv(index=False))
-        _write_html(figures, html_path)
-    return AnalysisResult(metric.name, table, csv_path, html_path, computed, skipped)
+
+def _write_outputs(run: Run, job: _Job, out: Path, checkpoint, log_frame: pd.DataFrame, phases: Phases,
+                   skipped: list[int]) -> AnalysisResult:
+    """The metric's table (every checkpoint of the run with a row for its key, also those of an earlier
+    ``--steps``) and its figure, each written whole or not at all."""
+    metric = job.metric
+    csv_path, html_path = out / f"{metric.name}.csv", out / f"{metric.name}.html"
+    table = pd.DataFrame([job.cached[s] for s in sorted(job.cached)])
+    title = f"{run.name}: {metric.name}" + (f"  ({_describe_params(job.shown)})" if job.shown else "")
+    figures = [metric_figure(title, table, log_frame, phases)]
+    if metric.points is not None:
+        labels = snapshot_steps(sorted(job.cached), phases)  # only checkpoints that were read successfully
+        points = pd.DataFrame([{"step": step, **p} for step in labels
+                               for p in metric.points(checkpoint(step), **_accepted(metric.points, job.params))])
+        write_text_atomic(out / f"{metric.name}_points.csv", points.to_csv(index=False))
+        figures.append(points_figure(f"{run.name}: {metric.name} at the phase boundaries", points, labels))
+    write_text_atomic(csv_path, table.to_csv(index=False))
+    _write_html(figures, html_path)
+    return AnalysisResult(metric.name, table, csv_path, html_path, job.computed, list(skipped))
 
 
 def _describe_params(params: dict[str, Any]) -> str:

@@ -614,16 +614,16 @@ def _int(value):
 def cmd_analyze(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from grokinterp.analyze import analyze, get_metric, metrics_for
+    from grokinterp.analyze import analyze_metrics, get_metric, metrics_for
     from grokinterp.trainer import resolve_device
 
     run = load_run(args.run)
     names = metrics_for(run) if args.metric == "all" else [get_metric(args.metric, run).name]
     params = _metric_params(names, _param_items(args.param))
     device = str(resolve_device(args.device))
-    for name in names:
-        result = analyze(run, name, steps=args.steps, out_root=args.out, device=device, seed=args.seed,
-                         params=params[name], skip_corrupt=args.skip_corrupt, progress=not args.no_progress)
+    results = analyze_metrics(run, names, steps=args.steps, out_root=args.out, device=device, seed=args.seed,
+                              params=params, skip_corrupt=args.skip_corrupt, progress=not args.no_progress)
+    for name, result in zip(names, results):
         if name == "phases":
             row = result.table.iloc[0].to_dict()
             print("phases: " + ", ".join(f"{k} {'-' if pd.isna(v) else int(v)}" for k, v in row.items())

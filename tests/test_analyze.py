@@ -90,6 +90,32 @@ def test_analyze_writes_a_row_per_checkpoint_and_caches(tiny_run, tmp_path):
                               for s in tiny_run.steps}
 
 
+def test_several_metrics_read_each_checkpoint_once_and_give_the_rows_of_one_at_a_time(tiny_run, tmp_path,
+                                                                                      monkeypatch):
+    """``analyze_metrics`` loops over checkpoints: one read of each (plus the last, for ``prepare``) serves every
+    metric, and the forward passes they share are computed once per checkpoint; the rows equal those of each
+    metric analysed alone, and the cache then holds them for a single-metric call."""
+    import grokinterp.metrics.base as base
+    from grokinterp.analyze import analyze_metrics
+
+    names = ["weight-norm", "fourier", "softmax-collapse", "clock-pizza", "phases"]
+    alone = {name: analyze(tiny_run, name, out_root=tmp_path / "alone", progress=False).table for name in names}
+    reads, forwards = [], []
+    model, logits = type(tiny_run).model, base.metric_answer_logits
+    monkeypatch.setattr(type(tiny_run), "model", lambda self, step=None, **kw: reads.append(step) or model(self, step, **kw))
+    monkeypatch.setattr(base, "metric_answer_logits", lambda m, t: forwards.append(len(t)) or logits(m, t))
+    results = analyze_metrics(tiny_run, names, out_root=tmp_path / "together", progress=False)
+    assert [r.metric for r in results] == names
+    assert sorted(reads) == sorted([tiny_run.steps[-1], *tiny_run.steps])
+    n_train, n_table = len(tiny_run.data.train_idx), len(tiny_run.data.labels)
+    assert sorted(forwards) == sorted([n_train, n_table] * len(tiny_run.steps))  # one of each per checkpoint
+    for result in results:
+        pd.testing.assert_frame_equal(result.table, alone[result.metric])
+        if result.metric != "phases":
+            assert result.computed == len(tiny_run.steps)
+            assert analyze(tiny_run, result.metric, out_root=tmp_path / "together", progress=False).computed == 0
+
+
 def test_step_selection():
     steps = [0, 1, 2, 5, 10, 20, 40]
     assert select_steps(steps, None) == steps

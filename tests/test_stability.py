@@ -42,6 +42,8 @@ def test_scaling_the_unembedding_collapses_a_model_softmax():
     with torch.no_grad():
         model.unembed.W_U.mul_(1e6)
     scaled = softmax_collapse_metrics(ckpt)
+    assert scaled == base  # a Checkpoint computes its logits once: new weights need a new Checkpoint
+    scaled = softmax_collapse_metrics(Checkpoint(step=0, model=model, data=data, config=cfg))
     assert scaled["logit_norm"] == pytest.approx(1e6 * base["logit_norm"], rel=1e-4)
     assert scaled["logit_margin"] == pytest.approx(1e6 * base["logit_margin"], rel=1e-4)
     logits = model(data.tokens[data.train_idx])[:, -1]

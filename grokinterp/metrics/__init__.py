@@ -116,4 +116,4 @@ register(Metric("llc", llc_metrics, "local learning coefficient λ̂ = nβ(E[L] 
                 param_rules={"n_burnin": "nonnegative"}, check=check_llc_params, in_all=False, version=1))
 register(Metric("clock-pizza", clock_pizza_metrics, "gradient symmetricity (± se) and distance irrelevance, which "
                 "tell the Clock from the Pizza algorithm (Zhong et al. 2023): Pizza ≈ 1 and ≈ 0, Clock lower and ≈ 1",
-                families=("mod",), ops=("add",), version=1))
+                families=("mod",), ops=("add",), version=2))

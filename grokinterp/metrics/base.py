@@ -6,6 +6,7 @@ draws randomness only from a generator seeded by ``ckpt.seed``.
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -17,7 +18,8 @@ from grokinterp.tasks import TaskData
 class Checkpoint:
     step: int
     model: torch.nn.Module
-    """A HookedTransformer in eval mode holding the weights of ``step``."""
+    """A HookedTransformer in eval mode holding the weights of ``step``. They must not change while the Checkpoint
+    is in use: the logits that metrics share (``train_logits``, ``table_logits``) are computed once."""
     data: TaskData
     """The run's full table with its split (on the model's device)."""
     config: RunConfig
@@ -36,6 +38,20 @@ class Checkpoint:
     @property
     def train_labels(self) -> torch.Tensor:
         return self.data.labels[self.data.train_idx]
+
+    @cached_property
+    def train_logits(self) -> torch.Tensor:
+        """``metric_answer_logits`` of the training rows (no grad), computed once per Checkpoint and shared by the
+        metrics that read them: ``analyze --metric all`` hands one Checkpoint to every metric."""
+        with torch.no_grad():
+            return metric_answer_logits(self.model, self.train_tokens)
+
+    @cached_property
+    def table_logits(self) -> torch.Tensor:
+        """``metric_answer_logits`` of every row of the table, in table order (no grad), computed once per
+        Checkpoint and shared like ``train_logits``. For the mod-p metrics: S_n tables are too large to hold."""
+        with torch.no_grad():
+            return metric_answer_logits(self.model, self.data.tokens)
 
     def training_rows(self, max_rows: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens, labels) of the training split: all of it, or ``max_rows`` rows chosen by a generator seeded

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 
-from grokinterp.metrics.base import Checkpoint, metric_answer_logits
+from grokinterp.metrics.base import Checkpoint
 from grokinterp.metrics.fourier import all_pair_rows
 from grokinterp.model import answer_logits
 
@@ -75,8 +75,7 @@ def clock_pizza_metrics(ckpt: Checkpoint, n_triples: int = N_TRIPLES) -> dict[st
     tokens = torch.cat([abc[:, :2], torch.full((n_triples, 1), equals, device=device)], dim=1)
     symmetricity, se = gradient_symmetricity(model, tokens, abc[:, 2])
     rows = all_pair_rows(ckpt)
-    with torch.no_grad():
-        logits = metric_answer_logits(model, ckpt.data.tokens[rows])
+    logits = ckpt.table_logits[rows]
     correct = logits.gather(-1, ckpt.data.labels[rows][:, None]).squeeze(-1).reshape(p, p).cpu()
     return {"gradient_symmetricity": symmetricity, "gradient_symmetricity_se": se,
             "distance_irrelevance": distance_irrelevance(correct)}

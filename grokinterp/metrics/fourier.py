@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 
-from grokinterp.metrics.base import Checkpoint, fast_forward_applies, metric_answer_logits
+from grokinterp.metrics.base import Checkpoint, fast_forward_applies
 
 KEY_POWER_FRACTION = 0.9  # key frequencies: the fewest, strongest first, that hold 90% of the non-constant power
 NEURON_EXPLAINED = 0.85  # a neuron is "explained by one frequency" above this fraction of its variance (Nanda)
@@ -235,15 +235,16 @@ def mlp_activations(ckpt: Checkpoint, rows: torch.Tensor) -> Float[torch.Tensor,
 
 
 def _logits_and_mlp_activations(ckpt: Checkpoint, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The answer logits and ``mlp_activations`` of the given rows: by the fast path where it applies, else from
-    one forward pass of the model."""
+    """The answer logits and ``mlp_activations`` of the given rows: where the fast path applies, the logits the
+    checkpoint shares between metrics (``Checkpoint.table_logits``) and the activations by the fast path; else both
+    from one forward pass of the model."""
     tokens = ckpt.data.tokens[rows]
     if ckpt.model.cfg.attn_only:
-        return metric_answer_logits(ckpt.model, tokens), None
+        return ckpt.table_logits[rows], None
     if fast_forward_applies(ckpt.model, tokens):
         from grokinterp.fastpath import answer_mlp_post
 
-        return metric_answer_logits(ckpt.model, tokens), answer_mlp_post(ckpt.model, tokens)
+        return ckpt.table_logits[rows], answer_mlp_post(ckpt.model, tokens)
     name = "blocks.0.mlp.hook_post"
     logits, cache = ckpt.model.run_with_cache(ckpt.data.tokens[rows], names_filter=lambda n: n == name)
     return logits[:, -1, :], cache[name][:, -1, :]

@@ -43,7 +43,7 @@ from jaxtyping import Float, Int
 from torch.func import functional_call, vmap
 
 from grokinterp.denormals import flush_denormals
-from grokinterp.metrics.base import Checkpoint, fast_forward_applies, metric_answer_logits
+from grokinterp.metrics.base import Checkpoint, fast_forward_applies
 from grokinterp.objective import answer_loss
 
 log = logging.getLogger(__name__)
@@ -717,10 +717,9 @@ def sharpness_metrics(
     Randomness: ``ckpt.generator(1)`` draws the noise, ``(2)`` the Lanczos start, ``(3)`` the Hutchinson vectors.
     """
     model = ckpt.model
-    with torch.no_grad():
-        logits = metric_answer_logits(model, ckpt.train_tokens)
-        row: dict[str, float] = {"train_loss": answer_loss(logits, ckpt.train_labels).item(),
-                                 "train_acc": (logits.argmax(-1) == ckpt.train_labels).double().mean().item()}
+    logits = ckpt.train_logits
+    row: dict[str, float] = {"train_loss": answer_loss(logits, ckpt.train_labels).item(),
+                             "train_acc": (logits.argmax(-1) == ckpt.train_labels).double().mean().item()}
     tokens, labels = ckpt.training_rows(max_rows)
     row["n_rows"] = float(len(labels))
 

@@ -10,7 +10,7 @@ rows as the model computes them.
 import torch
 from jaxtyping import Float, Int
 
-from grokinterp.metrics.base import Checkpoint, metric_answer_logits
+from grokinterp.metrics.base import Checkpoint
 
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
 
@@ -44,4 +44,4 @@ def softmax_collapse_stats(
 @torch.no_grad()
 def softmax_collapse_metrics(ckpt: Checkpoint) -> dict[str, float]:
     """``softmax_collapse_stats`` of the checkpoint's answer logits on its training rows."""
-    return softmax_collapse_stats(metric_answer_logits(ckpt.model, ckpt.train_tokens), ckpt.train_labels)
+    return softmax_collapse_stats(ckpt.train_logits, ckpt.train_labels)
