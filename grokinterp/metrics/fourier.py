@@ -73,23 +73,24 @@ def neuron_frequency_fractions(acts: Float[torch.Tensor, "p p d_mlp"]) -> Float[
     """For each neuron, the fraction of its (non-constant) variance over the (a, b) grid carried by 2D Fourier
     terms built from frequency k alone: {1, cos_k, sin_k}(a) × {1, cos_k, sin_k}(b) minus the constant.
 
-    The transform runs in the activations' own precision (float32 activations carry ~1e-7 relative error already;
-    the fractions then differ from a float64 transform by ~1e-7, in 40% of the time), the sums in float64."""
+    The transform and its squares run in the activations' own precision (float32 activations carry ~1e-7 relative
+    error already; the fractions then differ from a float64 transform by ~1e-7, in a third of the time), the sums
+    in float64; every frequency's 3 × 3 block is gathered at once."""
     p = acts.shape[0]
     dtype = torch.float64 if acts.dtype == torch.float64 else torch.float32
     basis = fourier_basis(p)[0].to(dtype)
     acts = acts.to(dtype)
     n_neurons = acts.shape[2]
     over_a = (basis @ acts.reshape(p, -1)).reshape(p, p, n_neurons)  # [i, b, n]: transform a (two matmuls,
-    coeffs = (over_a.permute(0, 2, 1) @ basis.T).permute(1, 0, 2)  # [n, i, j]; the 3-operand einsum was 30x slower)
-    power = coeffs.to(torch.float64).pow(2)
-    total = power.sum(dim=(1, 2)) - power[:, 0, 0]
-    out = torch.zeros(acts.shape[2], n_frequencies(p), dtype=torch.float64)
-    for k in range(1, n_frequencies(p) + 1):
-        idx = [0, 2 * k - 1, 2 * k] if 2 * k < p else [0, 2 * k - 1]
-        block = power[:, idx][:, :, idx].sum(dim=(1, 2)) - power[:, 0, 0]
-        out[:, k - 1] = block
-    return out / total.clamp_min(1e-300)[:, None]
+    power = (over_a.permute(0, 2, 1) @ basis.T).square()  # [i, n, j]; the 3-operand einsum was 30x slower)
+    constant = power[0, :, 0].double()
+    total = power.sum(dim=(0, 2), dtype=torch.float64) - constant
+    # the rows {const, cos k, sin k} of each frequency k (an even p's k = p/2 has no sine: its third row is masked)
+    ks = torch.arange(1, n_frequencies(p) + 1)
+    rows = torch.stack([torch.zeros_like(ks), 2 * ks - 1, (2 * ks).clamp_max(p - 1)], dim=1)  # [k, 3]
+    real = torch.stack([torch.ones_like(ks), torch.ones_like(ks), (2 * ks < p).long()], dim=1).to(power.dtype)
+    blocks = power[rows[:, :, None], :, rows[:, None, :]] * (real[:, :, None] * real[:, None, :])[..., None]
+    return ((blocks.sum(dim=(1, 2), dtype=torch.float64) - constant) / total.clamp_min(1e-300)).T  # [n, k]
 
 
 def _key_direction_basis(p: int, freqs: list[int]) -> Float[torch.Tensor, "p_sq n_dirs"]:
