@@ -53,6 +53,13 @@ def _typed(kind: type, flag: str):
     return convert
 
 
+def _workers(text: str) -> int:
+    workers = _typed(int, "--workers")(text)
+    if workers < 1:
+        raise argparse.ArgumentTypeError(f"--workers must be at least 1, got {workers}")
+    return workers
+
+
 def _number_list(flag: str):
     def convert(text: str) -> list[float]:
         try:
@@ -146,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "--param hutchinson_samples=64; part of each cached row's key")
     analyze.add_argument("--skip-corrupt", action="store_true",
                          help="skip unreadable checkpoints with a warning instead of stopping")
+    analyze.add_argument("--workers", type=_workers, default=None,
+                         help="processes that analyse checkpoints side by side, one CPU thread each (default: one "
+                              "per torch thread on a CPU under Linux, at most 8; 1 on a GPU)")
     analyze.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     calibrate = sub.add_parser(
@@ -622,7 +632,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     params = _metric_params(names, _param_items(args.param))
     device = str(resolve_device(args.device))
     results = analyze_metrics(run, names, steps=args.steps, out_root=args.out, device=device, seed=args.seed,
-                              params=params, skip_corrupt=args.skip_corrupt, progress=not args.no_progress)
+                              params=params, skip_corrupt=args.skip_corrupt, progress=not args.no_progress,
+                              workers=args.workers)
     for name, result in zip(names, results):
         if name == "phases":
             row = result.table.iloc[0].to_dict()

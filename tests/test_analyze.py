@@ -104,7 +104,7 @@ def test_several_metrics_read_each_checkpoint_once_and_give_the_rows_of_one_at_a
     model, logits = type(tiny_run).model, base.metric_answer_logits
     monkeypatch.setattr(type(tiny_run), "model", lambda self, step=None, **kw: reads.append(step) or model(self, step, **kw))
     monkeypatch.setattr(base, "metric_answer_logits", lambda m, t: forwards.append(len(t)) or logits(m, t))
-    results = analyze_metrics(tiny_run, names, out_root=tmp_path / "together", progress=False)
+    results = analyze_metrics(tiny_run, names, out_root=tmp_path / "together", progress=False, workers=1)
     assert [r.metric for r in results] == names
     assert sorted(reads) == sorted([tiny_run.steps[-1], *tiny_run.steps])
     n_train, n_table = len(tiny_run.data.train_idx), len(tiny_run.data.labels)
@@ -114,6 +114,38 @@ def test_several_metrics_read_each_checkpoint_once_and_give_the_rows_of_one_at_a
         if result.metric != "phases":
             assert result.computed == len(tiny_run.steps)
             assert analyze(tiny_run, result.metric, out_root=tmp_path / "together", progress=False).computed == 0
+
+
+def test_workers_give_the_rows_of_one_process_and_name_or_skip_what_they_cannot_read(tiny_run, tmp_path):
+    import shutil
+
+    from grokinterp.analyze import analyze_metrics
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run.path, copy)
+    run = load_run(copy)
+    names = ["weight-norm", "fourier", "sharpness", "clock-pizza"]
+    params = {"sharpness": {"max_samples": 4, "lanczos_iters": 4, "max_hutchinson_samples": 4}}
+    serial = analyze_metrics(run, names, out_root=tmp_path / "one", progress=False, params=params, workers=1)
+    forked = analyze_metrics(run, names, out_root=tmp_path / "two", progress=False, params=params, workers=2)
+    for one, two in zip(serial, forked):
+        assert two.computed == len(run.steps)
+        pd.testing.assert_frame_equal(one.table, two.table, rtol=1e-4)  # one thread a worker: float rounding
+    # a checkpoint whose bytes no longer match its digest fails inside a worker: it is named, or skipped
+    bad = run.steps[3]
+    weights = copy / "weights" / f"step_{bad:07d}.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(RunError, match=f"step_{bad:07d}"):
+        analyze_metrics(run, names, out_root=tmp_path / "three", progress=False, params=params, workers=2)
+    assert not (analysis_dir(run, tmp_path / "three") / "fourier.csv").exists()
+    skipped = analyze_metrics(run, names, out_root=tmp_path / "three", progress=False, params=params, workers=2,
+                              skip_corrupt=True)
+    for one, result in zip(serial, skipped):
+        assert result.skipped == [bad] and list(result.table.step) == [s for s in run.steps if s != bad]
+        pd.testing.assert_frame_equal(result.table, one.table[one.table.step != bad].reset_index(drop=True),
+                                      rtol=1e-4)
 
 
 def test_step_selection():
@@ -166,6 +198,9 @@ def test_report_and_cli(tiny_run, tmp_path, capsys):
     capsys.readouterr()
     assert main(["analyze", str(tiny_run.path), "--metric", "nope", "--out", str(out)]) == 2
     assert "unknown metric 'nope'; choose one of: phases, weight-norm" in capsys.readouterr().err
+    assert main(["analyze", str(tiny_run.path), "--metric", "fourier", "--workers", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("grokinterp: error: ") and "--workers must be at least 1, got 0" in err[0]
 
 
 def test_permutation_runs_get_their_own_metrics(tiny_perm_run, tmp_path, capsys):
