@@ -3,11 +3,17 @@ machine and means nothing on another CPU).
 
     python benchmarks/analysis_speed.py
     python benchmarks/analysis_speed.py --run checkpoints/<nanda2023 run> --checkpoints 12
+    python benchmarks/analysis_speed.py --run checkpoints/<nanda2023 run> --whole 150 --only-run
 
 * With ``--run``: every metric of ``--metric all`` (and ``llc`` with ``--llc``) at ``--checkpoints`` checkpoints
   spread evenly (in log steps and linear steps alike: every k-th of the run's checkpoints) over the run, at the
   default parameters and error targets; seconds per checkpoint per metric, and the whole of ``--metric all``
   projected to the run's checkpoints and to 150 (issue 12's target: under 120 s on 2 cores).
+
+* With ``--run`` and ``--whole N``: the command ``grokinterp analyze RUN --metric all`` itself (a new process, into
+  a temporary folder: imports and figures included) over N checkpoints spread evenly over the run, first with the default
+  workers and then in one process (``workers=1``), wall-clock seconds and their ratio; issue 12's target is
+  N = 150 in under 120 s on 2 cores.
 
 * S5 group: the first build of ``SymmetricGroup(5)``'s irreps, character table and conjugacy classes in a process.
 * S5 checkpoint rows: ``irrep_metrics`` and ``coset_metrics`` of one checkpoint of the default model (d_model 128,
@@ -105,8 +111,36 @@ def time_run(path: str, n_checkpoints: int, with_llc: bool) -> None:
     reference_ratios(run, steps[: min(3, len(steps))], [n for n in ("fourier", "sharpness", "clock-pizza") if n in names])
     total = sum(v for k, v in per_ckpt.items() if k != "llc") + load_seconds
     verdict = f"{total * 150 / 120:.1f}x over" if total * 150 > 120 else "met"
-    print(f"  --metric all: {total:.2f} s per checkpoint -> {total * len(run.steps):.0f} s for this run's "
-          f"{len(run.steps)} checkpoints, {total * 150:.0f} s for 150 (target 120 s: {verdict})")
+    print(f"  --metric all in one process, metric by metric: {total:.2f} s per checkpoint -> "
+          f"{total * len(run.steps):.0f} s for this run's {len(run.steps)} checkpoints, {total * 150:.0f} s for 150 "
+          f"(target 120 s: {verdict}); the command shares forward passes and runs workers: time it with --whole")
+
+
+def time_whole(path: str, n_checkpoints: int) -> None:
+    import subprocess
+    import sys
+    import tempfile
+
+    from grokinterp.analyze import default_workers
+    from grokinterp.checkpoints import load_run
+
+    run = load_run(path)
+    picked = run.steps[:: max(1, len(run.steps) // n_checkpoints)][:n_checkpoints]
+    seconds = {}
+    for workers in (default_workers("cpu", len(picked)), 1):
+        with tempfile.TemporaryDirectory() as out:
+            command = [sys.executable, "-m", "grokinterp", "analyze", path, "--metric", "all", "--steps",
+                       ",".join(map(str, picked)), "--out", out, "--no-progress", "--workers", str(workers)]
+            start = time.perf_counter()
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)  # the command a user runs, imports too
+            seconds[workers] = time.perf_counter() - start
+        print(f"  analyze --metric all, {len(picked)} checkpoints, {workers} worker(s): {seconds[workers]:.1f} s "
+              f"({seconds[workers] / len(picked):.3f} s a checkpoint)", flush=True)
+    fast = min(seconds.values())
+    if len(seconds) > 1:
+        print(f"  workers against one process: {seconds[1] / seconds[max(seconds)]:.2f}x")
+    if len(picked) >= 150:
+        print(f"  target: 150 checkpoints in under 120 s: {'met' if fast * 150 / len(picked) < 120 else 'not met'}")
 
 
 def main() -> None:
@@ -116,10 +150,14 @@ def main() -> None:
     parser.add_argument("--run", default=None, help="a trained run to time every metric on")
     parser.add_argument("--checkpoints", type=int, default=12, help="checkpoints of --run to time (default 12)")
     parser.add_argument("--llc", action="store_true", help="also time the llc metric (slow)")
+    parser.add_argument("--whole", type=int, default=0, metavar="N",
+                        help="time analyze --metric all itself over N checkpoints of --run (with and without workers)")
     parser.add_argument("--only-run", action="store_true", help="skip the S5 rows")
     args = parser.parse_args()
     print(f"CPU: {cpu_model()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
-    if args.run:
+    if args.run and args.whole:
+        time_whole(args.run, args.whole)
+    elif args.run:
         time_run(args.run, args.checkpoints, args.llc)
     if args.only_run:
         return
