@@ -651,6 +651,9 @@ def calibrate_llc(
     for fixed in ("step_size", "nbeta"):
         if fixed in overrides:
             raise AnalysisError(f"calibrate-llc sweeps {fixed}; give it as a list of values, not as --param")
+    for fixed in ("rel_error", "max_chains"):
+        if fixed in overrides:
+            raise AnalysisError(f"calibrate-llc runs n_chains chains at every setting; drop {fixed} (set n_chains)")
     for name, values in (("step size", step_sizes), ("nbeta", nbetas or [])):
         if any(not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0) for v in values):
             raise AnalysisError(f"every {name} must be a positive number, got {values}")

@@ -69,6 +69,22 @@ def test_standard_errors_match_the_spread_of_estimates_over_seeds():
     assert values.std().item() == pytest.approx(sorted(r.se for r in runs)[15], rel=0.35)
 
 
+def test_more_chains_run_until_the_standard_error_meets_its_target():
+    """Chains come in batches of n_chains until se <= rel_error · λ̂: the first chains are those of a run without the
+    target, and the target is met, or the budget spent."""
+    model = Quadratic(spd(), torch.zeros(5, dtype=torch.float64))
+    kwargs = dict(step_size=5e-5, nbeta=1000.0, gamma=1.0, n_chains=2, n_draws=100, n_burnin=20, loss_fn=half_square)
+    two = estimate_llc(model, *ONE_ROW, generator=gen(), **kwargs)
+    assert two.se > 0.05 * two.value  # 2 chains of 100 draws miss 5%
+    met = estimate_llc(model, *ONE_ROW, generator=gen(), rel_error=0.05, max_chains=64, **kwargs)
+    assert met.per_chain[:2] == two.per_chain and len(met.per_chain) % 2 == 0 and len(met.per_chain) > 2
+    assert met.se <= 0.05 * met.value and met.traces.shape == (len(met.per_chain), 100)
+    capped = estimate_llc(model, *ONE_ROW, generator=gen(), rel_error=1e-4, max_chains=5, **kwargs)
+    assert len(capped.per_chain) == 5 and capped.se > 1e-4 * capped.value  # 2 + 2 + 1: the budget ran out
+    with pytest.raises(ValueError, match=r"max_chains \(1\) must be at least n_chains \(2\)"):
+        estimate_llc(model, *ONE_ROW, generator=gen(), rel_error=0.05, max_chains=1, **kwargs)
+
+
 def test_too_large_a_step_diverges_and_says_so():
     model = Quadratic(spd(), torch.zeros(5, dtype=torch.float64))
     est = estimate_llc(model, *ONE_ROW, generator=gen(), step_size=1.0, nbeta=1000.0, gamma=1.0, n_chains=2,
@@ -88,18 +104,18 @@ def test_llc_row_of_a_tiny_transformer_is_pure_and_seeded():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(0)
     rng = torch.get_rng_state()
-    row = llc_metrics(ckpt, n_chains=3, n_draws=30, n_burnin=10, batch_size=8)
+    row = llc_metrics(ckpt, n_chains=3, n_draws=30, n_burnin=10, batch_size=8, max_chains=3)
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
-    assert set(row) == {"llc", "llc_se", "llc_chain0", "llc_chain1", "llc_chain2", "llc_init_loss", "llc_drift",
-                        "llc_diverged", "llc_nbeta"}
+    assert set(row) == {"llc", "llc_se", "llc_chain0", "llc_chain1", "llc_chain2", "llc_chains", "llc_init_loss",
+                        "llc_drift", "llc_diverged", "llc_nbeta"}
     assert all(math.isfinite(v) for v in row.values()) and row["llc_diverged"] == 0.0
     assert row["llc_nbeta"] == pytest.approx(default_nbeta(len(data.train_idx)))
     assert row["llc"] == pytest.approx(sum(row[f"llc_chain{c}"] for c in range(3)) / 3)
-    assert llc_metrics(ckpt, n_chains=3, n_draws=30, n_burnin=10, batch_size=8) == row
+    assert llc_metrics(ckpt, n_chains=3, n_draws=30, n_burnin=10, batch_size=8, max_chains=3) == row
     other = llc_metrics(Checkpoint(step=4, model=model, data=data, config=cfg), n_chains=3, n_draws=30, n_burnin=10,
-                        batch_size=8)
+                        batch_size=8, max_chains=3)
     assert other["llc"] != row["llc"] and other["llc_init_loss"] == row["llc_init_loss"]
 
 

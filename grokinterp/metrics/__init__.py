@@ -111,9 +111,11 @@ register(Metric("softmax-collapse", softmax_collapse_metrics, "share of training
                 "softmax gives the correct class probability exactly 1, share of exactly-zero gradient entries, mean "
                 "logit norm and margin (Prieto et al. 2025)", version=1))
 register(Metric("llc", llc_metrics, "local learning coefficient λ̂ = nβ(E[L] − L(w*)) by SGLD chains localized at the "
-                "weights (Lau et al. 2023), with per-chain estimates, a standard error and a drift check; calibrate "
+                "weights (Lau et al. 2023), with per-chain estimates, a standard error (more chains until rel_error or "
+                "max_chains) and a drift check; calibrate "
                 "step_size and nbeta first with `grokinterp calibrate-llc`; not part of --metric all (slow)",
-                param_rules={"n_burnin": "nonnegative"}, check=check_llc_params, in_all=False, version=1))
+                param_rules={"n_burnin": "nonnegative", "rel_error": "nonnegative"}, check=check_llc_params,
+                in_all=False, version=2))
 register(Metric("clock-pizza", clock_pizza_metrics, "gradient symmetricity (± se) and distance irrelevance, which "
                 "tell the Clock from the Pizza algorithm (Zhong et al. 2023): Pizza ≈ 1 and ≈ 0, Clock lower and ≈ 1",
                 families=("mod",), ops=("add",), version=2))

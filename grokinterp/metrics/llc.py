@@ -39,7 +39,9 @@ from grokinterp.metrics.sharpness import LossFn, _Objective, answer_objective
 # (drift 0.29). Other models and tasks: calibrate again.
 STEP_SIZE = 1e-4  # ε, the SGLD step (and noise variance per step)
 GAMMA = 100.0  # γ, the localization strength
-N_CHAINS = 4
+N_CHAINS = 4  # chains run side by side; with a relative error target, batches of this many more until it is met
+MAX_CHAINS = 16
+REL_ERROR = 0.05
 N_DRAWS = 500  # SGLD steps per chain, burn-in included
 N_BURNIN = 100  # steps discarded from the start of each chain
 BATCH_SIZE = 256  # rows per SGLD step, drawn with replacement per chain
@@ -56,6 +58,9 @@ def check_llc_params(params: dict, config: object = None) -> str | None:
     if params["n_burnin"] >= params["n_draws"]:
         return (f"n_burnin ({params['n_burnin']}) must be below n_draws ({params['n_draws']}), or no draw is kept; "
                 f"lower n_burnin or raise n_draws")
+    if params.get("max_chains") is not None and params["max_chains"] < params.get("n_chains", 1):
+        return (f"max_chains ({params['max_chains']}) must be at least n_chains ({params['n_chains']}); raise "
+                f"max_chains or lower n_chains")
     return None
 
 
@@ -91,11 +96,19 @@ def estimate_llc(
     n_burnin: int = N_BURNIN,
     batch_size: int = BATCH_SIZE,
     loss_fn: LossFn = answer_objective,
+    rel_error: float = 0.0,
+    max_chains: int | None = None,
 ) -> LLCEstimate:
     """λ̂ at the model's weights on the given rows by ``n_chains`` SGLD chains of ``n_draws`` steps (module
     docstring for the maths). ``nbeta`` defaults to ``default_nbeta(len(labels))``. The chains run side by side as
-    one batched computation (``torch.func.vmap`` over the chain axis), each on its own minibatches and noise."""
-    problem = check_llc_params({"n_burnin": n_burnin, "n_draws": n_draws})
+    one batched computation (``torch.func.vmap`` over the chain axis), each on its own minibatches and noise.
+
+    With ``rel_error`` > 0, batches of ``n_chains`` more chains run (from the same generator: the first chains are
+    those of a run without the target) until the standard error is at most ``rel_error`` of |λ̂|, a chain
+    diverges, or ``max_chains`` (default ``n_chains``) have run."""
+    max_chains = n_chains if max_chains is None else max_chains
+    problem = check_llc_params({"n_burnin": n_burnin, "n_draws": n_draws, "n_chains": n_chains,
+                                "max_chains": max_chains})
     if problem:
         raise ValueError(problem)
     objective = _Objective(model, tokens, labels, loss_fn)
@@ -109,28 +122,42 @@ def estimate_llc(
 
     grad_fn = vmap(grad_and_value(batch_loss))
     star = objective.theta
-    w = {name: t.unsqueeze(0).repeat(n_chains, *([1] * t.dim())) for name, t in star.items()}
     device = labels.device
     full = batch_size >= n_rows
-    traces = torch.empty(n_chains, n_draws, dtype=torch.float64)
-    for t in range(n_draws):
-        if full:
-            rows = torch.arange(n_rows, device=device).expand(n_chains, n_rows)
-        else:
-            rows = torch.randint(n_rows, (n_chains, batch_size), generator=generator, device=generator.device).to(
-                device)
-        grads, losses = grad_fn(w, tokens[rows], labels[rows])
-        traces[:, t] = losses.detach().double().cpu()
-        with torch.no_grad():
-            w = {name: x - (step_size / 2) * (nbeta * grads[name] + gamma * (x - star[name]))
-                 + math.sqrt(step_size) * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                 for name, x in w.items()}
+
+    def chains(count: int) -> torch.Tensor:
+        """The minibatch-loss traces [count, n_draws] of ``count`` new chains started at w*."""
+        w = {name: t.unsqueeze(0).repeat(count, *([1] * t.dim())) for name, t in star.items()}
+        traces = torch.empty(count, n_draws, dtype=torch.float64)
+        for t in range(n_draws):
+            if full:
+                rows = torch.arange(n_rows, device=device).expand(count, n_rows)
+            else:
+                rows = torch.randint(n_rows, (count, batch_size), generator=generator,
+                                     device=generator.device).to(device)
+            grads, losses = grad_fn(w, tokens[rows], labels[rows])
+            traces[:, t] = losses.detach().double().cpu()
+            with torch.no_grad():
+                w = {name: x - (step_size / 2) * (nbeta * grads[name] + gamma * (x - star[name]))
+                     + math.sqrt(step_size) * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                     for name, x in w.items()}
+        return traces
+
+    est = _summary(chains(n_chains), init_loss, nbeta, n_burnin)
+    while rel_error > 0 and len(est.per_chain) < max_chains and not est.diverged and est.se > rel_error * abs(est.value):
+        more = chains(min(n_chains, max_chains - len(est.per_chain)))
+        est = _summary(torch.cat([est.traces, more]), init_loss, nbeta, n_burnin)
+    return est
+
+
+def _summary(traces: torch.Tensor, init_loss: float, nbeta: float, n_burnin: int) -> LLCEstimate:
+    """λ̂ and the rest of ``LLCEstimate`` from the chains' traces [chains, draws]."""
     kept = traces[:, n_burnin:]
     per_chain = (nbeta * (kept.mean(dim=1) - init_loss)).tolist()
     diverged = not bool(torch.isfinite(traces).all())
     values = torch.tensor(per_chain, dtype=torch.float64)
     value = values.mean().item() if not diverged else math.nan
-    se = values.std().item() / math.sqrt(n_chains) if n_chains > 1 and not diverged else math.nan
+    se = values.std().item() / math.sqrt(len(values)) if len(values) > 1 and not diverged else math.nan
     half = kept.shape[1] // 2
     drift = (nbeta * (kept[:, half:].mean() - kept[:, :half].mean())).item() / abs(value) if value else math.nan
     return LLCEstimate(value, se, per_chain, init_loss, traces, drift, diverged)
@@ -147,15 +174,19 @@ def llc_metrics(
     n_draws: int = N_DRAWS,
     n_burnin: int = N_BURNIN,
     batch_size: int = BATCH_SIZE,
+    rel_error: float = REL_ERROR,
+    max_chains: int = MAX_CHAINS,
 ) -> dict[str, float]:
     """λ̂ of the checkpoint on its training rows (all, or ``max_rows`` of them): ``llc``, ``llc_se``, each chain's
-    ``llc_chain{c}``, ``llc_init_loss`` (L_n(w*)), ``llc_drift`` (see ``LLCEstimate``), ``llc_diverged`` (0 or 1)
-    and the ``llc_nbeta`` used. Randomness: ``ckpt.generator(4)``."""
+    ``llc_chain{c}``, ``llc_chains`` (``n_chains``, and batches of as many more until ``llc_se`` is at most
+    ``rel_error`` of λ̂, or ``max_chains``), ``llc_init_loss`` (L_n(w*)), ``llc_drift`` (see ``LLCEstimate``),
+    ``llc_diverged`` (0 or 1) and the ``llc_nbeta`` used. Randomness: ``ckpt.generator(4)``."""
     tokens, labels = ckpt.training_rows(max_rows)
     nbeta = default_nbeta(len(labels)) if nbeta is None else nbeta
     est = estimate_llc(ckpt.model, tokens, labels, generator=ckpt.generator(4), step_size=step_size, nbeta=nbeta,
-                       gamma=gamma, n_chains=n_chains, n_draws=n_draws, n_burnin=n_burnin, batch_size=batch_size)
-    row = {"llc": est.value, "llc_se": est.se}
+                       gamma=gamma, n_chains=n_chains, n_draws=n_draws, n_burnin=n_burnin, batch_size=batch_size,
+                       rel_error=rel_error, max_chains=max_chains)
+    row = {"llc": est.value, "llc_se": est.se, "llc_chains": float(len(est.per_chain))}
     row.update({f"llc_chain{c}": v for c, v in enumerate(est.per_chain)})
     row.update({"llc_init_loss": est.init_loss, "llc_drift": est.drift, "llc_diverged": float(est.diverged),
                 "llc_nbeta": float(nbeta)})
