@@ -67,10 +67,12 @@ def reference_ratios(run, steps: list[int], names: list[str]) -> None:
         params = effective_params(metric, metric.prepare(final) if metric.prepare else {})
         fast = slow = 0.0
         for step in steps:
-            ckpt = Checkpoint(step=step, model=run.model(step), data=run.data, config=run.config)
+            model = run.model(step)
             for switched_off in (False, True):
                 for module in modules:
                     module.fast_forward_applies = (lambda m, t: False) if switched_off else applies
+                # a Checkpoint of its own each time: it keeps the logits it computed, which the other would reuse
+                ckpt = Checkpoint(step=step, model=model, data=run.data, config=run.config)
                 start = time.perf_counter()
                 metric.fn(ckpt, **params)
                 elapsed = time.perf_counter() - start
