@@ -531,9 +531,12 @@ _FORKED_WORK: _StepWork | None = None
 
 
 def _forked_worker_start() -> None:
+    import signal
+
     import torch
 
     torch.set_num_threads(1)  # one thread a worker: also keeps a forked child out of OpenMP's inherited pool
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which ends the pool; no tracebacks
 
 
 def _forked_step(item: tuple[int, list[str]]):

@@ -699,8 +699,10 @@ def _print_error(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    command = None
     try:
         args = parser.parse_args(argv)
+        command = args.command
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
         commands = {"train": cmd_train, "analyze": cmd_analyze, "report": cmd_report, "runs": cmd_runs,
@@ -713,8 +715,11 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{err.filename}: " if err.filename else ""
         _print_error(f"{where}{err.strerror or err}; check the path and free space")
         return 2
-    except KeyboardInterrupt:  # a second Ctrl-C during training: checkpoints written so far are complete
-        print("\ngrokinterp: interrupted; resume a run with `grokinterp train --resume RUN`", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C during training, or one during an analysis or a sweep
+        hint = {"analyze": "the rows finished so far are cached: the same command again computes only the rest",
+                "sweep": "continue with `grokinterp sweep --resume FOLDER`"}.get(
+                    command, "resume a run with `grokinterp train --resume RUN`")
+        print(f"\ngrokinterp: interrupted; {hint}", file=sys.stderr)
         return 130
     except SystemExit as exit_:  # --help
         return int(exit_.code or 0)

@@ -148,6 +148,35 @@ def test_workers_give_the_rows_of_one_process_and_name_or_skip_what_they_cannot_
                                       rtol=1e-4)
 
 
+def test_ctrl_c_during_a_forked_analysis_is_one_line_and_keeps_the_finished_rows(tmp_path):
+    """SIGINT reaches the parent (the workers ignore it): exit 130 with one line and no worker tracebacks, no worker
+    left behind, the rows finished so far in the cache, and the same command afterwards computes only the rest."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = _tiny_run(tmp_path / "run", steps=60, checkpoints=40)
+    out = tmp_path / "analyses"
+    command = [sys.executable, "-m", "grokinterp", "analyze", str(run.path), "--metric", "sharpness", "--out",
+               str(out), "--no-progress", "--workers", "2", "--param", "max_samples=4", "--param",
+               "max_hutchinson_samples=4"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cache = analysis_dir(run, out) / ".cache" / "sharpness.jsonl"
+    deadline = time.monotonic() + 120
+    while not (cache.exists() and cache.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert err.strip().splitlines() == ["grokinterp: interrupted; the rows finished so far are cached: the same "
+                                        "command again computes only the rest"]
+    done = len([line for line in cache.read_text().splitlines() if line.strip()])
+    assert 2 <= done < len(run.steps)
+    rest = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rest.returncode == 0 and f"{len(run.steps) - done} checkpoint(s) computed, {done} from cache" in rest.stdout
+
+
 def test_step_selection():
     steps = [0, 1, 2, 5, 10, 20, 40]
     assert select_steps(steps, None) == steps
