@@ -395,6 +395,7 @@ def analyze_metrics(
     loaded; only this process writes the cache. A row is the same function of its checkpoint whichever process
     computes it, to float rounding (a matmul's sums may group differently on one thread than on two)."""
     metrics = [get_metric(name, run) for name in metric_names]
+    _check_workers(workers, device)
     overrides = {m.name: (params or {}).get(m.name, {}) for m in metrics}
     log_rows = run.store.read_metrics()
     phases = phases_from_log(log_rows)
@@ -473,8 +474,6 @@ def _analyze_checkpoints(run: Run, metrics: list[Metric], overrides: dict[str, d
                 files[job.metric.name].write("\n")  # end a killed writer's torn line: the next row starts afresh
         todo = sorted(set().union(*(job.todo for job in jobs)))
         n_workers = default_workers(device, len(todo)) if workers is None else workers
-        if n_workers < 1:
-            raise AnalysisError(f"workers must be at least 1, got {n_workers}")
         bar = _bar(progress, len(todo), f"{run.name} {', '.join(job.metric.name for job in jobs)}")
         work = [(step, [job.metric.name for job in jobs if step in job.todo]) for step in todo]
         by_name = {job.metric.name: job for job in jobs}
@@ -493,6 +492,21 @@ def _analyze_checkpoints(run: Run, metrics: list[Metric], overrides: dict[str, d
         if bar is not None:
             bar.close()
         return {job.metric.name: _write_outputs(run, job, out, checkpoint, log_frame, phases, skipped) for job in jobs}
+
+
+def _check_workers(workers: int | None, device: str) -> None:
+    import multiprocessing
+
+    import torch
+
+    if workers is None or workers == 1:
+        return
+    if workers < 1:
+        raise AnalysisError(f"workers must be at least 1, got {workers}")
+    if torch.device(device).type != "cpu":
+        raise AnalysisError(f"workers analyse on CPU threads; on {device} use one (--workers 1)")
+    if "fork" not in multiprocessing.get_all_start_methods():
+        raise AnalysisError("workers are forked processes, which this system does not have; use --workers 1")
 
 
 def default_workers(device: str, n_checkpoints: int) -> int:

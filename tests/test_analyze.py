@@ -126,6 +126,11 @@ def test_workers_give_the_rows_of_one_process_and_name_or_skip_what_they_cannot_
     run = load_run(copy)
     names = ["weight-norm", "fourier", "sharpness", "clock-pizza"]
     params = {"sharpness": {"max_samples": 4, "lanczos_iters": 4, "max_hutchinson_samples": 4}}
+    for workers, device, message in ((0, "cpu", "workers must be at least 1, got 0"),
+                                     (2, "cuda", "workers analyse on CPU threads; on cuda use one")):
+        with pytest.raises(AnalysisError, match=message):
+            analyze_metrics(run, names, out_root=tmp_path / "refused", workers=workers, device=device)
+    assert not (tmp_path / "refused").exists()
     serial = analyze_metrics(run, names, out_root=tmp_path / "one", progress=False, params=params, workers=1)
     forked = analyze_metrics(run, names, out_root=tmp_path / "two", progress=False, params=params, workers=2)
     for one, two in zip(serial, forked):
