@@ -161,13 +161,14 @@ def test_ctrl_c_during_a_forked_analysis_is_one_line_and_keeps_the_finished_rows
     import sys
     import time
 
-    run = _tiny_run(tmp_path / "run", steps=60, checkpoints=40)
+    run = _tiny_run(tmp_path / "run", steps=40, checkpoints=20)
     out = tmp_path / "analyses"
-    command = [sys.executable, "-m", "grokinterp", "analyze", str(run.path), "--metric", "sharpness", "--out",
-               str(out), "--no-progress", "--workers", "2", "--param", "max_samples=4", "--param",
-               "max_hutchinson_samples=4"]
+    # llc with a fixed number of chains and draws: every checkpoint takes the same time (~0.3 s), so the signal
+    # lands with most of them still to do
+    command = [sys.executable, "-m", "grokinterp", "analyze", str(run.path), "--metric", "llc", "--out", str(out),
+               "--no-progress", "--workers", "2", "--param", "n_draws=300", "--param", "rel_error=0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    cache = analysis_dir(run, out) / ".cache" / "sharpness.jsonl"
+    cache = analysis_dir(run, out) / ".cache" / "llc.jsonl"
     deadline = time.monotonic() + 120
     while not (cache.exists() and cache.read_text().count("\n") >= 2) and time.monotonic() < deadline:
         time.sleep(0.05)
