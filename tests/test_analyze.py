@@ -167,7 +167,10 @@ def test_ctrl_c_during_a_forked_analysis_is_one_line_and_keeps_the_finished_rows
     # lands with most of them still to do
     command = [sys.executable, "-m", "grokinterp", "analyze", str(run.path), "--metric", "llc", "--out", str(out),
                "--no-progress", "--workers", "2", "--param", "n_draws=300", "--param", "rel_error=0"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: a test run in the background (CI) inherits SIGINT ignored, and Python keeps it so
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=default_sigint)
     cache = analysis_dir(run, out) / ".cache" / "llc.jsonl"
     deadline = time.monotonic() + 120
     while not (cache.exists() and cache.read_text().count("\n") >= 2) and time.monotonic() < deadline:
