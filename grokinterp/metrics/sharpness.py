@@ -278,6 +278,9 @@ class _Bracket(NamedTuple):
 Point = tuple[float, float]
 """(σ, mean effect at σ)."""
 
+EFFECT_COLUMN = {"loss": 0, "accuracy": 1}
+"""The σ* kind -> the effect it reads: a ``_NoiseCurve``'s column (loss rise, accuracy drop)."""
+
 
 def _power_law_step(points: list[Point], target: float, up: bool, growth: float) -> float:
     """The next σ of a search that has not yet bracketed the target: where the power law through the last two
@@ -300,8 +303,8 @@ def _interpolated_crossing(lo: Point, hi: Point, points: list[Point], target: fl
     """Where the effect reaches the target inside the bracket (lo, hi): by inverse quadratic interpolation of
     log σ against log effect through the three probes nearest the target in log effect (the curve bends in
     log-log: a memorized model's loss rise steepens from ~σ³ to ~σ¹⁰ within a factor 4 of σ), else by the line
-    through the nearest two (a local power law), else by the line through (log σ, effect) at lo and hi (when
-    nothing below the target has a positive effect); the first whose answer lies inside the bracket."""
+    through the nearest two (a local power law), the first that lands inside the bracket; else by the line
+    through (log σ, effect) at lo and hi, which lands in (lo, hi]."""
     low, high = math.log(lo[0]), math.log(hi[0])
     y = math.log(target)
     near = sorted(((math.log(s), math.log(f)) for s, f in points if f > 0), key=lambda p: abs(p[1] - y))
@@ -403,9 +406,9 @@ def _find_crossing(
 def _sigma_star_on(curve: _NoiseCurve, target: float, kind: str, **search) -> Estimate:
     """σ* on the curve's current draws, with its standard error by the delta method: the effect's standard error
     at σ* (over the draws) divided by the mean curve's slope there (its secant across the final bracket)."""
-    if kind not in ("loss", "accuracy"):
+    if kind not in EFFECT_COLUMN:
         raise ValueError(f"sigma_star kind must be 'loss' or 'accuracy', got {kind!r}")
-    column = 0 if kind == "loss" else 1
+    column = EFFECT_COLUMN[kind]
     if kind == "accuracy" and curve.base_acc < target:
         return Estimate(math.nan, math.nan, curve.n)  # the accuracy cannot drop by more than it is: σ* undefined
     bracket = _find_crossing(lambda s: curve(s)[column], target, known=curve.known(column), **search)
@@ -747,16 +750,18 @@ def sharpness_metrics(
                  if stars[name].relative_error > rel_error and curve.n < max_samples}
         if not short:
             break
-        brackets = {}
+        brackets = []
         for name, (curve, target, kind) in searches.items():
-            if id(curve) in short and 0 < (value := stars.pop(name).value) < math.inf:
-                column = 0 if kind == "loss" else 1
-                above = [s for s, f in curve.known(column) if s > value and f >= target]
-                brackets[name] = (curve, value, min(above, default=value))
+            if id(curve) not in short:
+                continue
+            value = stars.pop(name).value  # this search runs again, on the new draws
+            if 0 < value < math.inf:
+                above = [s for s, f in curve.known(EFFECT_COLUMN[kind]) if s > value and f >= target]
+                brackets.append((curve, value, min(above, default=value)))
                 starts[name] = value
         for curve in short.values():
             curve.n = min(2 * curve.n, max_samples)
-        for curve, lo, hi in brackets.values():
+        for curve, lo, hi in brackets:
             curve(lo), curve(hi)
     at_sigma = plain(sigma)
     row["rand_loss_increase"], row["rand_loss_increase_se"] = at_sigma.loss_increase, at_sigma.loss_increase_se
