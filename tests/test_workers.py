@@ -1,8 +1,6 @@
 """Analyses computed in forked worker processes (``analyze_metrics(workers=...)``, ``--workers``).
 
-These tests fork the test process (or interrupt a command that forks). They live in their own module, which runs
-after tests/test_notebooks.py: in the fresh-clone CI, notebook kernels started after these forks in the same pytest
-process hung (kernel and client both idle), while the notebooks alone pass. The cause is not found yet.
+These tests fork the test process, or interrupt a command that forks.
 """
 
 import pandas as pd
