@@ -52,6 +52,24 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
         assert views, "no widget view among the outputs of a notebook that calls interactive()"
 
 
+def test_the_client_sends_nothing_of_its_own_on_the_shell_socket(tmp_path, monkeypatch):
+    """The stall's mechanism, checked without a clock: nbclient's Output-widget imitation is what sent comm messages
+    on the shell socket while a cell's reply was awaited there. With it off, a slider cell leaves no such object
+    behind (the plain NotebookClient keeps one per Output widget, and would fail this)."""
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell(
+        "import plotly.graph_objects as go\n"
+        "from grokinterp.explore import frames_figure, interactive\n"
+        "interactive(frames_figure([0, 5], lambda s: [go.Scatter(x=[s], y=[s])], 't'))")]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    client = _HeadlessClient(notebook, timeout=CELL_TIMEOUT, kernel_name="python3",
+                             resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    outputs = notebook.cells[0].outputs
+    assert any("application/vnd.jupyter.widget-view+json" in out.get("data", {}) for out in outputs)
+    assert client.comm_objects == {}
+
+
 def test_static_fallback_outside_a_kernel():
     import plotly.graph_objects as go
 
