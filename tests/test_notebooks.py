@@ -36,6 +36,20 @@ class _HeadlessClient(NotebookClient):
         return None
 
 
+def _execute(notebook: nbformat.NotebookNode, folder: Path) -> _HeadlessClient:
+    """Run every cell of ``notebook`` in a fresh kernel started in ``folder``; its outputs land in the notebook."""
+    client = _HeadlessClient(notebook, timeout=CELL_TIMEOUT, kernel_name="python3",
+                             resources={"metadata": {"path": str(folder)}})
+    client.execute()
+    return client
+
+
+def _widget_views(cells) -> list[dict]:
+    """The outputs of ``cells`` that show a widget (what a front end renders a slider from)."""
+    return [out for cell in cells for out in cell.get("outputs", ())
+            if "application/vnd.jupyter.widget-view+json" in out.get("data", {})]
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, tmp_path, monkeypatch):
     notebook = nbformat.read(path, as_version=4)
@@ -44,12 +58,9 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     # them is descheduled. Measured there, 04_transition took 145 s with one thread and did not finish in 17 min
     # with two (its sharpness cell alone passed the old 300 s timeout).
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    _HeadlessClient(notebook, timeout=CELL_TIMEOUT, kernel_name="python3",
-                    resources={"metadata": {"path": str(tmp_path)}}).execute()
+    _execute(notebook, tmp_path)
     if any("interactive(" in cell.source for cell in notebook.cells):  # the slider was built, in the kernel
-        views = [out for cell in notebook.cells for out in cell.get("outputs", ())
-                 if "application/vnd.jupyter.widget-view+json" in out.get("data", {})]
-        assert views, "no widget view among the outputs of a notebook that calls interactive()"
+        assert _widget_views(notebook.cells), "no widget view among the outputs of a notebook that calls interactive()"
 
 
 def test_the_client_sends_nothing_of_its_own_on_the_shell_socket(tmp_path, monkeypatch):
@@ -62,11 +73,8 @@ def test_the_client_sends_nothing_of_its_own_on_the_shell_socket(tmp_path, monke
         "from grokinterp.explore import frames_figure, interactive\n"
         "interactive(frames_figure([0, 5], lambda s: [go.Scatter(x=[s], y=[s])], 't'))")]
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    client = _HeadlessClient(notebook, timeout=CELL_TIMEOUT, kernel_name="python3",
-                             resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()
-    outputs = notebook.cells[0].outputs
-    assert any("application/vnd.jupyter.widget-view+json" in out.get("data", {}) for out in outputs)
+    client = _execute(notebook, tmp_path)
+    assert _widget_views(notebook.cells)
     assert client.comm_objects == {}
 
 
