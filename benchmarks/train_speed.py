@@ -458,7 +458,8 @@ def main() -> None:
                 row(f"nanda2023, {budget:,} steps (projected), min", f"{whole / 60:.1f}",
                     f"{budget / whole:.1f} steps/s")
             # The same budget for the reference loop at its early and late rates: the whole run as a ratio, which
-            # a VM's drift moves far less than the minutes (both loops' rates come from the same rounds).
+            # a VM's drift moves far less than the minutes when both come from the same rounds (the projection;
+            # --whole-run trains its 40,000 steps after the rounds, so its ratio carries that drift).
             reference = at / rates.median("ref") + (budget - at) / rates.median("late ref")
             row(f"  reference loop, {budget:,} steps (projected), min", f"{reference / 60:.1f}",
                 f"{reference / whole:.2f}x faster")
